@@ -1,0 +1,193 @@
+"""The depthwise convolution op: validation, backend choice, and autograd.
+
+``depthwise_conv2d`` is registered as the ``torch.library`` custom ops ``convcov_fast::depthwise_conv2d``
+(forward) and ``..._input_grad`` / ``..._weight_grad`` (backward pieces), each with a fake
+implementation, so ``torch.compile`` traces a model that uses it as single graph nodes. Its
+autograd rule computes the weight gradient only when the weight requires grad, so frozen filters
+never pay for the reduction over batch and space.
+"""
+
+from typing import List, Optional
+
+import torch
+
+from . import _checks, cpu_conv, reference
+
+OP_NAMESPACE = "convcov_fast"
+
+
+def depthwise_kernels():
+    """Import and return the Triton depthwise module."""
+    from .kernels import depthwise
+
+    return depthwise
+
+
+def resolve_backend(backend, device):
+    """Return "triton", "cpu" or "reference": the implementation to run on ``device``."""
+    if backend == "auto":
+        if device.type == "cpu":
+            return "cpu"
+        return "triton" if device.type == "cuda" else "reference"
+    if backend == "torch":
+        return "cpu" if device.type == "cpu" else "reference"
+    if device.type == "cpu" and not _triton_interpreter_enabled():
+        raise ValueError(
+            "backend='triton' needs a CUDA tensor, or TRITON_INTERPRET=1 set before triton is "
+            "imported to run the kernel on the CPU under the Triton interpreter"
+        )
+    return "triton"
+
+
+def _triton_interpreter_enabled():
+    import os
+
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def memory_format_of(x):
+    """Return ``torch.channels_last`` when ``x`` is laid out NHWC, else ``torch.contiguous_format``."""
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def output_size(x_size, kernel_size, padding4):
+    top, bottom, left, right = padding4
+    return (
+        x_size[0] + top + bottom - kernel_size[0] + 1,
+        x_size[1] + left + right - kernel_size[1] + 1,
+    )
+
+
+@torch.library.custom_op(f"{OP_NAMESPACE}::depthwise_conv2d", mutates_args=())
+def depthwise_conv2d_op(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], padding: List[int], backend: str
+) -> torch.Tensor:
+    """Forward of the depthwise convolution on validated inputs (see ``depthwise_conv2d``)."""
+    padding4 = tuple(padding)
+    implementation = resolve_backend(backend, x.device)
+    if implementation == "cpu":
+        y = cpu_conv.forward(x, weight, bias, padding4)
+    elif implementation == "triton":
+        y = depthwise_kernels().depthwise_forward(x, weight, bias, padding4)
+    else:
+        y = reference.depthwise_conv2d(x, weight, bias, padding4)
+    return y.contiguous(memory_format=memory_format_of(x))
+
+
+@depthwise_conv2d_op.register_fake
+def _depthwise_conv2d_fake(x, weight, bias, padding, backend):
+    out_h, out_w = output_size(x.shape[-2:], weight.shape[-2:], padding)
+    shape = (x.shape[0], x.shape[1], out_h, out_w)
+    return x.new_empty(shape).contiguous(memory_format=memory_format_of(x))
+
+
+@torch.library.custom_op(f"{OP_NAMESPACE}::depthwise_conv2d_input_grad", mutates_args=())
+def depthwise_conv2d_input_grad_op(
+    grad_output: torch.Tensor, weight: torch.Tensor, padding: List[int], input_size: List[int], backend: str
+) -> torch.Tensor:
+    """Input gradient of the depthwise convolution, in the memory format of ``grad_output``."""
+    padding4 = tuple(padding)
+    input_size = tuple(input_size)
+    implementation = resolve_backend(backend, grad_output.device)
+    if implementation == "cpu":
+        grad = cpu_conv.input_grad(grad_output, weight, padding4, input_size)
+    elif implementation == "triton":
+        grad = depthwise_kernels().depthwise_input_grad(grad_output, weight, padding4, input_size)
+    else:
+        grad = reference.depthwise_conv2d_input_grad(grad_output, weight, padding4, input_size)
+    return grad.contiguous(memory_format=memory_format_of(grad_output))
+
+
+@depthwise_conv2d_input_grad_op.register_fake
+def _input_grad_fake(grad_output, weight, padding, input_size, backend):
+    shape = (grad_output.shape[0], grad_output.shape[1], input_size[0], input_size[1])
+    return grad_output.new_empty(shape).contiguous(memory_format=memory_format_of(grad_output))
+
+
+@torch.library.custom_op(f"{OP_NAMESPACE}::depthwise_conv2d_weight_grad", mutates_args=())
+def depthwise_conv2d_weight_grad_op(
+    x: torch.Tensor, grad_output: torch.Tensor, kernel_size: List[int], padding: List[int], backend: str
+) -> torch.Tensor:
+    """Weight gradient (C, 1, kh, kw) of the depthwise convolution."""
+    padding4 = tuple(padding)
+    kernel_size = tuple(kernel_size)
+    implementation = resolve_backend(backend, x.device)
+    if implementation == "cpu":
+        return cpu_conv.weight_grad(x, grad_output, kernel_size, padding4)
+    if implementation == "triton":
+        return depthwise_kernels().depthwise_weight_grad(x, grad_output, kernel_size, padding4)
+    return reference.depthwise_conv2d_weight_grad(x, grad_output, kernel_size, padding4)
+
+
+@depthwise_conv2d_weight_grad_op.register_fake
+def _weight_grad_fake(x, grad_output, kernel_size, padding, backend):
+    return x.new_empty((x.shape[1], 1, kernel_size[0], kernel_size[1]))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, padding, backend = inputs
+    ctx.padding = padding
+    ctx.backend = backend
+    ctx.input_size = list(x.shape[-2:])
+    ctx.has_bias = bias is not None
+    # The input is needed only for the weight gradient, so frozen filters do not keep it alive.
+    saved_x = x if ctx.needs_input_grad[1] else None
+    ctx.save_for_backward(saved_x, weight)
+
+
+def _backward(ctx, grad_output):
+    x, weight = ctx.saved_tensors
+    grad_x = grad_weight = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_x = depthwise_conv2d_input_grad_op(grad_output, weight, ctx.padding, ctx.input_size, ctx.backend)
+    if ctx.needs_input_grad[1]:
+        kernel_size = list(weight.shape[-2:])
+        grad_weight = depthwise_conv2d_weight_grad_op(x, grad_output, kernel_size, ctx.padding, ctx.backend)
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        grad_bias = grad_output.sum(dim=(0, 2, 3), dtype=torch.float32).to(grad_output.dtype)
+    return grad_x, grad_weight, grad_bias, None, None
+
+
+depthwise_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def depthwise_conv2d(x, weight, bias=None, padding="same", *, stride=1, dilation=1, backend="auto"):
+    """Apply a depthwise 2-D convolution (one kh x kw filter per channel, stride 1).
+
+    Equal to ``torch.nn.functional.conv2d(x, weight, bias, padding=padding, groups=C)``, with a
+    backward that computes the weight gradient only when ``weight.requires_grad``.
+
+    Args:
+        x: (N, C, H, W) input, NCHW or channels_last; float32, float16, bfloat16 or float64.
+        weight: (C, 1, kh, kw) filters of the same dtype. Square or rectangular, odd or even.
+        bias: optional (C,) bias.
+        padding: "same" (the output has the input's size; on even kernels the extra row and column
+            are padded at the bottom and right, as ``nn.Conv2d`` does), "valid", an int, or an
+            (int, int) pair for height and width.
+        stride, dilation: must be 1.
+        backend: "auto" (Triton on CUDA, the tuned CPU route on CPU), "torch" (plain PyTorch) or
+            "triton" (on the CPU only under ``TRITON_INTERPRET=1``).
+
+    Returns:
+        (N, C, H_out, W_out) in the memory format of ``x``.
+
+    Under ``torch.autocast`` the inputs are cast to the autocast dtype, as for ``nn.Conv2d``.
+    """
+    _checks.unit_stride_and_dilation(stride, dilation)
+    backend = _checks.backend_name(backend)
+    channels, kh, kw = _checks.depthwise_weight(weight)
+    padding4 = _checks.padding4(padding, (kh, kw))
+    if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
+        autocast_dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(autocast_dtype), weight.to(autocast_dtype)
+        bias = None if bias is None else bias.to(autocast_dtype)
+    _checks.conv_input(x, channels, (kh, kw), padding4, weight.dtype)
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or bias.shape != (channels,):
+            shape = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
+            raise ValueError(f"bias must be a ({channels},) tensor, got {shape}")
+        if bias.dtype != x.dtype:
+            raise TypeError(f"bias has dtype {bias.dtype} but x has {x.dtype}; cast one to the other")
+    return depthwise_conv2d_op(x, weight, bias, list(padding4), backend)

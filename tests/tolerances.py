@@ -1,0 +1,19 @@
+"""Absolute and relative tolerances per dtype, shared by every test that compares numbers."""
+
+import torch
+
+# (atol, rtol) for an elementwise comparison against a float64 or float32 reference whose
+# reduction length is small (tens of terms). Tests with long reductions scale atol by
+# sqrt(reduction length) through `tolerance`.
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-8),
+    torch.float32: (1e-5, 1e-4),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+}
+
+
+def tolerance(dtype, reduction_length=1):
+    """Return ``dict(atol=..., rtol=...)`` for ``dtype``, with atol grown as sqrt(reduction_length)."""
+    atol, rtol = TOLERANCES[dtype]
+    return {"atol": atol * max(1.0, reduction_length) ** 0.5, "rtol": rtol}
