@@ -288,6 +288,10 @@ def load_tensors(path, what):
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} not found: {path}")
+    # torch.save writes a zip archive. Anything else would reach the legacy unpickler, whose errors
+    # on garbage bytes read like the rejection of pickled code below.
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path} is not a readable {what} (truncated or corrupt): not a torch.save zip archive")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
