@@ -75,10 +75,11 @@ def non_negative_int(value, name):
 
 def positive_int(value, name):
     """Return ``value`` as an int, raising unless it is an integer >= 1."""
-    value = non_negative_int(value, name)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r}")
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value!r}")
-    return value
+    return int(value)
 
 
 def backend_name(backend):
