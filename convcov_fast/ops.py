@@ -146,7 +146,9 @@ def _backward(ctx, grad_output):
         kernel_size = list(weight.shape[-2:])
         grad_weight = depthwise_conv2d_weight_grad_op(x, grad_output, kernel_size, ctx.padding, ctx.backend)
     if ctx.has_bias and ctx.needs_input_grad[2]:
-        grad_bias = grad_output.sum(dim=(0, 2, 3), dtype=torch.float32).to(grad_output.dtype)
+        # Half-precision sums accumulate in float32. A float64 sum stays in float64.
+        accumulate = torch.float64 if grad_output.dtype == torch.float64 else torch.float32
+        grad_bias = grad_output.sum(dim=(0, 2, 3), dtype=accumulate).to(grad_output.dtype)
     return grad_x, grad_weight, grad_bias, None, None
 
 
