@@ -10,12 +10,11 @@ order, and ``standard_normals`` writes exactly that z for tests.
 Float32 matrix-product precision: ``input_precision="ieee"`` (the default) multiplies in full
 float32 with float32 accumulation. ``"tf32"`` runs the product on tensor cores with both operands
 reduced to TF32, whose 10-bit mantissa gives a relative error of about 1e-3 per product. The
-warning in ``tl.dot``'s docstring (triton 3.9) says the operands may be truncated rather than
-rounded. By our estimate, truncation shrinks each operand by 2**-11 relative on average, so the
-samples shrink by about 2**-10 and their covariance by about 2**-9 (2e-3). That bias equals one
-standard error of a diagonal covariance entry, sqrt(2 / n), near n = 5e5 filters, so it shows
-only in large samples. The interpreter always multiplies in float32 with numpy and ignores the
-choice.
+warning in ``tl.dot``'s docstring (triton 3.9) states that the operands may be truncated rather
+than rounded. By our estimate, truncation shrinks each operand by 2**-11 relative on average, so
+the samples shrink by about 2**-10 and their covariance by about 2**-9 (2e-3). That bias equals one
+standard error of a diagonal covariance entry, sqrt(2 / n), near n = 5e5 filters, so it shows only
+in large samples. The interpreter always multiplies in float32 with numpy and ignores the choice.
 """
 
 import torch
