@@ -183,8 +183,14 @@ def depthwise_conv2d(x, weight, bias=None, padding="same", *, stride=1, dilation
     padding4 = _checks.padding4(padding, (kh, kw))
     if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
         autocast_dtype = torch.get_autocast_dtype(x.device.type)
-        x, weight = x.to(autocast_dtype), weight.to(autocast_dtype)
-        bias = None if bias is None else bias.to(autocast_dtype)
+        # Autocast casts only float32, float16 and bfloat16 tensors. It leaves float64 and integer
+        # ones as they are, and nn.Conv2d then computes in float64.
+        x, weight, bias = (
+            t.to(autocast_dtype)
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+            else t
+            for t in (x, weight, bias)
+        )
     _checks.conv_input(x, channels, (kh, kw), padding4, weight.dtype)
     if bias is not None:
         if not isinstance(bias, torch.Tensor) or bias.shape != (channels,):
