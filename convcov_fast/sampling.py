@@ -34,15 +34,19 @@ def factorize(cov):
     return factorize_stack(_checks.covariance_stack(cov))
 
 
-def factorize_stack(stack):
+def factorize_stack(stack, indices=None):
     """Factor a validated, symmetric float64 (B, d, d) stack (see ``factorize``).
 
     Identical matrices in the stack, such as one covariance shared by many layers, are factored once.
+    ``indices`` gives each matrix's index in the caller's bank, for error messages.
     """
     if stack.shape[0] > 1:
         distinct, inverse = torch.unique(stack.reshape(stack.shape[0], -1), dim=0, return_inverse=True)
         if distinct.shape[0] < stack.shape[0]:
-            factors = factorize_stack(distinct.reshape(-1, *stack.shape[1:]))
+            positions = torch.arange(stack.shape[0], device=inverse.device)
+            first = torch.full((distinct.shape[0],), stack.shape[0], device=inverse.device)
+            first = first.scatter_reduce(0, inverse, positions, reduce="amin")
+            factors = factorize_stack(distinct.reshape(-1, *stack.shape[1:]), first.tolist())
             return factors[inverse]
     factors, info = torch.linalg.cholesky_ex(stack)
     # NOTE: this check copies one flag to the host, the only synchronization in the common case.
@@ -51,7 +55,8 @@ def factorize_stack(stack):
         return factors
     factors = factors.clone()
     for index in failed.nonzero().flatten().tolist():
-        factors[index] = factorize_failing(stack[index], index)
+        label = index if indices is None else indices[index]
+        factors[index] = factorize_failing(stack[index], label)
     return factors
 
 
