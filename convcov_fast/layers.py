@@ -77,6 +77,12 @@ class FrozenCovDepthwiseConv2d(nn.Module):
         """Build a frozen layer that keeps the filters and bias of a depthwise ``nn.Conv2d``."""
         if covariance.depthwise_weight_of(conv) is None:
             raise ValueError(f"{conv} is not a depthwise nn.Conv2d (groups == in_channels == out_channels)")
+        if not is_supported_by_frozen_layer(conv):
+            raise ValueError(
+                f"{conv} cannot become a FrozenCovDepthwiseConv2d, which computes stride-1, "
+                "dilation-1, zero-padded convolutions only; freeze its weight with "
+                "conv.weight.requires_grad_(False) instead"
+            )
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer.channels = conv.in_channels
