@@ -10,6 +10,7 @@ import torch
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 BACKENDS = ("auto", "torch", "triton")
+ACTIVATIONS = (None, "gelu", "gelu_tanh")
 
 # A covariance is symmetric when max|S - S^T| <= SYMMETRY_RTOL * max|S|: float32 round trips of a
 # symmetric matrix stay well inside this, and a transposition bug does not.
@@ -87,6 +88,13 @@ def backend_name(backend):
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     return backend
+
+
+def activation_name(activation):
+    """Return ``activation`` after checking it is None, "gelu" or "gelu_tanh"."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    return activation
 
 
 def float_dtype(dtype, name="dtype"):

@@ -27,6 +27,8 @@ class FrozenCovDepthwiseConv2d(nn.Module):
         generator: optional ``torch.Generator`` for sampling the filters.
         device, dtype: of the filters and the bias.
         backend: "auto", "torch" or "triton"; see ``depthwise_conv2d``.
+        activation: None, "gelu" or "gelu_tanh", applied after the bias and fused into the
+            convolution kernels on the Triton path.
 
     Example:
         >>> layer = FrozenCovDepthwiseConv2d(64, 9)
@@ -48,6 +50,7 @@ class FrozenCovDepthwiseConv2d(nn.Module):
         device=None,
         dtype=None,
         backend="auto",
+        activation=None,
     ):
         super().__init__()
         self.channels = _checks.positive_int(channels, "channels")
@@ -55,6 +58,7 @@ class FrozenCovDepthwiseConv2d(nn.Module):
         self.padding = padding
         self.padding4 = _checks.padding4(padding, self.kernel_size)
         self.backend = _checks.backend_name(backend)
+        self.activation = _checks.activation_name(activation)
         dtype = _checks.float_dtype(dtype if dtype is not None else torch.get_default_dtype())
         if cov is None:
             cov = covariance.closed_form(1, self.kernel_size)[0]
@@ -73,7 +77,7 @@ class FrozenCovDepthwiseConv2d(nn.Module):
             self.register_parameter("bias", None)
 
     @classmethod
-    def from_conv(cls, conv, *, backend="auto"):
+    def from_conv(cls, conv, *, backend="auto", activation=None):
         """Build a frozen layer that keeps the filters and bias of a depthwise ``nn.Conv2d``."""
         if covariance.depthwise_weight_of(conv) is None:
             raise ValueError(f"{conv} is not a depthwise nn.Conv2d (groups == in_channels == out_channels)")
@@ -90,6 +94,7 @@ class FrozenCovDepthwiseConv2d(nn.Module):
         layer.padding = conv.padding if isinstance(conv.padding, str) else tuple(conv.padding)
         layer.padding4 = _checks.padding4(layer.padding, layer.kernel_size)
         layer.backend = _checks.backend_name(backend)
+        layer.activation = _checks.activation_name(activation)
         layer.register_buffer("weight", conv.weight.detach().clone())
         if conv.bias is not None:
             layer.bias = nn.Parameter(conv.bias.detach().clone())
@@ -98,13 +103,15 @@ class FrozenCovDepthwiseConv2d(nn.Module):
         return layer
 
     def forward(self, x):
-        return ops.depthwise_conv2d(x, self.weight, self.bias, self.padding, backend=self.backend)
+        return ops.depthwise_conv2d(
+            x, self.weight, self.bias, self.padding, activation=self.activation, backend=self.backend
+        )
 
     def extra_repr(self):
         kh, kw = self.kernel_size
         return (
             f"{self.channels}, kernel_size=({kh}, {kw}), padding={self.padding!r}, "
-            f"bias={self.bias is not None}, frozen=True"
+            f"bias={self.bias is not None}, activation={self.activation!r}, frozen=True"
         )
 
 
@@ -115,7 +122,10 @@ def resolve_layer_covariances(cov, kernel_sizes):
         if cov != "closed_form":
             raise ValueError(f"cov must be 'closed_form', a (d, d) matrix or an (L, d, d) bank, got {cov!r}")
         sigmas = covariance.depth_sigmas(depth, covariance.SIGMA_FIRST, covariance.SIGMA_LAST)
-        return [covariance.gaussian(size, sigma) for size, sigma in zip(kernel_sizes, sigmas)]
+        return [
+            covariance.gaussian(size, sigma, constant=covariance.CONSTANT)
+            for size, sigma in zip(kernel_sizes, sigmas)
+        ]
     stack = _checks.covariance_stack(cov)
     if cov.dim() == 2:
         layers = [stack[0]] * depth

@@ -38,10 +38,12 @@ def resolve_init(init, depth, kernel_size):
 
 
 def make_depthwise(dim, kernel_size, kind, cov, generator):
-    """Build one depthwise layer: an ``nn.Conv2d`` or a ``FrozenCovDepthwiseConv2d``.
+    """Build the depthwise convolution and the GELU after it, as a pair of modules.
 
-    With ``cov`` None the filters keep PyTorch's default init (frozen ones included, which then
-    stay as ``nn.Conv2d`` would have started them).
+    A trainable layer is an ``nn.Conv2d`` followed by ``nn.GELU``. A frozen layer is a
+    ``FrozenCovDepthwiseConv2d`` with the GELU fused into its kernels, followed by ``nn.Identity``,
+    so both kinds have the same ``state_dict`` keys. With ``cov`` None the filters keep PyTorch's
+    default init (frozen ones included, which then stay as ``nn.Conv2d`` would have started them).
     """
     conv = nn.Conv2d(dim, dim, kernel_size, groups=dim, padding="same")
     if cov is not None:
@@ -53,8 +55,8 @@ def make_depthwise(dim, kernel_size, kind, cov, generator):
         with torch.no_grad():
             conv.weight.uniform_(-bound, bound, generator=generator)
     if kind == "frozen":
-        return layers.FrozenCovDepthwiseConv2d.from_conv(conv)
-    return conv
+        return layers.FrozenCovDepthwiseConv2d.from_conv(conv, activation="gelu"), nn.Identity()
+    return conv, nn.GELU()
 
 
 class ConvMixer(nn.Module):
@@ -103,10 +105,10 @@ class ConvMixer(nn.Module):
         blocks = []
         for layer in range(depth):
             cov = None if bank is None else bank[layer]
-            depthwise_conv = make_depthwise(dim, kernel_size, depthwise, cov, generator)
+            depthwise_conv, activation = make_depthwise(dim, kernel_size, depthwise, cov, generator)
             blocks.append(
                 nn.Sequential(
-                    Residual(nn.Sequential(depthwise_conv, nn.GELU(), nn.BatchNorm2d(dim))),
+                    Residual(nn.Sequential(depthwise_conv, activation, nn.BatchNorm2d(dim))),
                     nn.Conv2d(dim, dim, 1),
                     nn.GELU(),
                     nn.BatchNorm2d(dim),
