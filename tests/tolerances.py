@@ -17,3 +17,8 @@ def tolerance(dtype, reduction_length=1):
     """Return ``dict(atol=..., rtol=...)`` for ``dtype``, with atol grown as sqrt(reduction_length)."""
     atol, rtol = TOLERANCES[dtype]
     return {"atol": atol * max(1.0, reduction_length) ** 0.5, "rtol": rtol}
+
+# Statistical tests of sampled filters fail when a statistic lies more than this many standard
+# errors from its expectation. By the normal approximation, the max over the d(d+1)/2 entries of a
+# covariance with d <= 25 exceeds it with probability below 1e-6. The tests use fixed seeds.
+SAMPLE_Z_BOUND = 6.0
