@@ -290,7 +290,14 @@ def test_from_model_differing_kernel_sizes_names_layers():
 
 @pytest.mark.parametrize(
     "source, target",
-    [((5, 5), (3, 7)), ((3, 3), (9, 9)), ((9, 9), (5, 5)), ((3, 5), (5, 3)), ((4, 4), (2, 6)), ((7, 7), (7, 7))],
+    [
+        ((5, 5), (3, 7)),
+        ((3, 3), (9, 9)),
+        ((9, 9), (5, 5)),
+        ((3, 5), (5, 3)),
+        ((4, 4), (2, 6)),
+        ((7, 7), (7, 7)),
+    ],
 )
 def test_resize_matches_interpolated_basis(source, target):
     d = source[0] * source[1]
@@ -457,7 +464,11 @@ class CodePayload:
 def test_load_bank_rejects_pickled_code(tmp_path):
     marker = tmp_path / "marker"
     path = tmp_path / "bank.pt"
-    payload = {"format": covariance.BANK_FORMAT, "bank": covariance.closed_form(1, 3), "extra": CodePayload(os.fspath(marker))}
+    payload = {
+        "format": covariance.BANK_FORMAT,
+        "bank": covariance.closed_form(1, 3),
+        "extra": CodePayload(os.fspath(marker)),
+    }
     torch.save(payload, path)
     with pytest.raises(ValueError, match=re.escape(str(path))):
         covariance.load_bank(path)

@@ -59,6 +59,16 @@ def test_forward_matches_conv2d(kernel_size, padding):
     torch.testing.assert_close(layer(x), conv2d_truth(x, layer, padding), **tolerance(torch.float32, 25))
 
 
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
+def test_forward_with_activation(activation):
+    layer = FrozenCovDepthwiseConv2d(3, (3, 5), generator=seeded(1), activation=activation)
+    x = torch.randn(2, 3, 7, 8)
+    approximate = "tanh" if activation == "gelu_tanh" else "none"
+    expected = F.gelu(conv2d_truth(x, layer, "same"), approximate=approximate)
+    torch.testing.assert_close(layer(x), expected, **tolerance(torch.float32, 15))
+    assert f"activation={activation!r}" in repr(layer)
+
+
 def test_backward_skips_weight_grad(monkeypatch):
     monkeypatch.setattr(cpu_conv, "weight_grad", forbid_weight_grad)
     layer = FrozenCovDepthwiseConv2d(3, (3, 5), generator=seeded(2))
@@ -196,6 +206,7 @@ def test_wrong_covariance_size_raises():
         ({"channels": 2, "kernel_size": 3, "padding": "full"}, ValueError, "padding must be 'same', 'valid'"),
         ({"channels": 2, "kernel_size": 3, "backend": "gpu"}, ValueError, "backend must be one of"),
         ({"channels": 2, "kernel_size": 3, "dtype": torch.int32}, TypeError, "dtype must be one of"),
+        ({"channels": 2, "kernel_size": 3, "activation": "relu"}, ValueError, "activation must be one of"),
     ],
 )
 def test_invalid_arguments_raise(kwargs, error, match):

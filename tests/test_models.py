@@ -22,7 +22,10 @@ def seeded(seed):
     "config, input_shape",
     [
         ({"dim": 8, "depth": 2, "kernel_size": 3, "patch_size": 2}, (2, 1, 8, 8)),
-        ({"dim": 6, "depth": 1, "kernel_size": (3, 5), "patch_size": 1, "in_chans": 3, "num_classes": 4}, (1, 3, 6, 7)),
+        (
+            {"dim": 6, "depth": 1, "kernel_size": (3, 5), "patch_size": 1, "in_chans": 3, "num_classes": 4},
+            (1, 3, 6, 7),
+        ),
         ({"dim": 4, "depth": 3, "kernel_size": 4, "patch_size": 3, "num_classes": 2}, (3, 1, 9, 12)),
     ],
     ids=["square", "rectangular", "even"],

@@ -41,6 +41,12 @@ def conv2d_truth(x, weight, bias, padding):
     return F.conv2d(x, weight, bias, padding=padding, groups=x.shape[1])
 
 
+def activated_truth(x, weight, bias, padding, activation):
+    """Compute F.gelu of the F.conv2d truth, exact for "gelu" and tanh-approximated for "gelu_tanh"."""
+    approximate = "tanh" if activation == "gelu_tanh" else "none"
+    return F.gelu(conv2d_truth(x, weight, bias, padding), approximate=approximate)
+
+
 def forbid_weight_grad(*args, **kwargs):
     raise AssertionError("the weight gradient was computed for filters that do not require grad")
 
@@ -51,19 +57,32 @@ def forbid_weight_grad(*args, **kwargs):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("padding", PADDINGS, ids=str)
 @pytest.mark.parametrize("kernel_size", KERNEL_SIZES, ids=str)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_forward_matches_conv2d(kernel_size, padding, dtype, backend):
-    x, weight, bias = random_inputs(kernel_size, dtype=dtype)
+def test_forward_matches_conv2d(kernel_size, padding, backend):
+    x, weight, bias = random_inputs(kernel_size)
     result = depthwise_conv2d(x, weight, bias, padding, backend=backend)
     expected = conv2d_truth(x, weight, bias, padding)
-    assert result.dtype == dtype
+    assert result.dtype == torch.float32
     assert result.shape == expected.shape
     kh, kw = pair(kernel_size)
-    torch.testing.assert_close(result, expected, **tolerance(dtype, kh * kw))
+    torch.testing.assert_close(result, expected, **tolerance(torch.float32, kh * kw))
 
 
-@pytest.mark.parametrize("padding", ["same", "valid", (1, 2)], ids=str)
-@pytest.mark.parametrize("kernel_size", KERNEL_SIZES, ids=str)
+# The CPU route times its strategies once per new shape, padding and dtype. To bound that cost,
+# the other dtypes run a subset of the float32 cases.
+DTYPE_CASES = [(3, "same"), (4, "same"), (7, "valid"), ((3, 5), (1, 2)), ((5, 2), "same"), ((5, 2), 2)]
+
+
+@pytest.mark.parametrize("kernel_size, padding", DTYPE_CASES, ids=str)
+def test_forward_float64_matches_conv2d(kernel_size, padding):
+    x, weight, bias = random_inputs(kernel_size, dtype=torch.float64)
+    result = depthwise_conv2d(x, weight, bias, padding)
+    expected = conv2d_truth(x, weight, bias, padding)
+    assert result.dtype == torch.float64
+    kh, kw = pair(kernel_size)
+    torch.testing.assert_close(result, expected, **tolerance(torch.float64, kh * kw))
+
+
+@pytest.mark.parametrize("kernel_size, padding", DTYPE_CASES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_forward_low_precision_matches_float64(kernel_size, padding, dtype):
     x, weight, bias = random_inputs(kernel_size, dtype=dtype)
@@ -142,15 +161,71 @@ def test_forward_kernel_equal_to_input_valid():
     torch.testing.assert_close(result, conv2d_truth(x, weight, bias, "valid"))
 
 
+ACTIVATION_CASES = [
+    (3, "same", "gelu"),
+    (4, "valid", "gelu_tanh"),
+    ((5, 2), (1, 2), "gelu"),
+    ((3, 5), "same", "gelu_tanh"),
+]
+
+
+@pytest.mark.parametrize("kernel_size, padding, activation", ACTIVATION_CASES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_forward_activation_matches_gelu(kernel_size, padding, activation, dtype):
+    x, weight, bias = random_inputs(kernel_size, dtype=dtype)
+    result = depthwise_conv2d(x, weight, bias, padding, activation=activation)
+    expected = activated_truth(x, weight, bias, padding, activation)
+    assert result.shape == expected.shape
+    kh, kw = pair(kernel_size)
+    torch.testing.assert_close(result, expected, **tolerance(dtype, kh * kw))
+
+
+def test_forward_gelu_differs_from_gelu_tanh():
+    x, weight, bias = random_inputs(3, dtype=torch.float64)
+    exact = depthwise_conv2d(x, weight, bias, activation="gelu")
+    approximate = depthwise_conv2d(x, weight, bias, activation="gelu_tanh")
+    assert float((exact - approximate).abs().max()) > 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_forward_activation_low_precision(dtype):
+    x, weight, bias = random_inputs((3, 5), dtype=dtype)
+    result = depthwise_conv2d(x, weight, bias, "same", activation="gelu")
+    expected = activated_truth(x.double(), weight.double(), bias.double(), "same", "gelu").to(dtype)
+    assert result.dtype == dtype
+    torch.testing.assert_close(result, expected, **tolerance(dtype, 15))
+
+
+def test_forward_activation_channels_last():
+    x, weight, bias = random_inputs(4, shape=(2, 4, 7, 8))
+    x_last = x.contiguous(memory_format=torch.channels_last)
+    result = depthwise_conv2d(x_last, weight, bias, "same", activation="gelu")
+    assert result.is_contiguous(memory_format=torch.channels_last)
+    expected = activated_truth(x, weight, bias, "same", "gelu")
+    torch.testing.assert_close(result, expected, **tolerance(torch.float32, 16))
+
+
 # backward
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("kernel_size, padding, activation", ACTIVATION_CASES, ids=str)
+def test_gradients_activation_match_gelu(kernel_size, padding, activation):
+    x, weight, bias = random_inputs(kernel_size, dtype=torch.float64, requires_grad=True)
+    result = depthwise_conv2d(x, weight, bias, padding, activation=activation)
+    expected = activated_truth(x, weight, bias, padding, activation)
+    upstream = torch.randn_like(expected)
+    grads = torch.autograd.grad((result * upstream).sum(), (x, weight, bias))
+    expected_grads = torch.autograd.grad((expected * upstream).sum(), (x, weight, bias))
+    for name, grad, expected_grad in zip(("x", "weight", "bias"), grads, expected_grads):
+        assert grad.shape == expected_grad.shape, name
+        torch.testing.assert_close(grad, expected_grad, **tolerance(torch.float64, x.shape[0] * 90))
+
+
 @pytest.mark.parametrize("padding", ["same", "valid", 2, (1, 2)], ids=str)
 @pytest.mark.parametrize("kernel_size", KERNEL_SIZES, ids=str)
-def test_gradients_match_conv2d(kernel_size, padding, backend):
+def test_gradients_match_conv2d(kernel_size, padding):
     x, weight, bias = random_inputs(kernel_size, dtype=torch.float64, requires_grad=True)
-    result = depthwise_conv2d(x, weight, bias, padding, backend=backend)
+    result = depthwise_conv2d(x, weight, bias, padding)
     expected = conv2d_truth(x, weight, bias, padding)
     upstream = torch.randn_like(expected)
     grads = torch.autograd.grad((result * upstream).sum(), (x, weight, bias))
@@ -160,8 +235,9 @@ def test_gradients_match_conv2d(kernel_size, padding, backend):
         torch.testing.assert_close(grad, expected_grad, **tolerance(torch.float64, x.shape[0] * 90))
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("kernel_size", [3, 4, (3, 5)], ids=str)
-def test_gradients_match_nn_conv2d(kernel_size):
+def test_gradients_match_nn_conv2d(kernel_size, backend):
     x, weight, bias = random_inputs(kernel_size, shape=(2, 4, 8, 8), requires_grad=True)
     conv = nn.Conv2d(4, 4, kernel_size, padding="same", groups=4)
     with torch.no_grad():
@@ -169,7 +245,7 @@ def test_gradients_match_nn_conv2d(kernel_size):
         conv.bias.copy_(bias)
     x_conv = x.detach().clone().requires_grad_()
     upstream = torch.randn(2, 4, 8, 8)
-    (depthwise_conv2d(x, weight, bias, "same") * upstream).sum().backward()
+    (depthwise_conv2d(x, weight, bias, "same", backend=backend) * upstream).sum().backward()
     (conv(x_conv) * upstream).sum().backward()
     kh, kw = pair(kernel_size)
     torch.testing.assert_close(x.grad, x_conv.grad, **tolerance(torch.float32, kh * kw))
@@ -225,16 +301,30 @@ def test_gradcheck_full_jacobian():
     assert torch.autograd.gradcheck(convolution, (x, weight, bias))
 
 
-def test_no_weight_grad_for_frozen_filters(monkeypatch):
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
+def test_gradcheck_activation(activation):
+    x, weight, bias = random_inputs((2, 3), shape=(2, 2, 4, 5), dtype=torch.float64, requires_grad=True)
+
+    def convolution(x, weight, bias):
+        return depthwise_conv2d(x, weight, bias, "same", activation=activation)
+
+    assert torch.autograd.gradcheck(convolution, (x, weight, bias), fast_mode=True)
+
+
+@pytest.mark.parametrize("activation", [None, "gelu"])
+def test_no_weight_grad_for_frozen_filters(monkeypatch, activation):
     monkeypatch.setattr(cpu_conv, "weight_grad", forbid_weight_grad)
     x, weight, bias = random_inputs(5, requires_grad=True)
     weight.requires_grad_(False)
     upstream = torch.randn(2, 3, 9, 10)
-    (depthwise_conv2d(x, weight, bias, "same") * upstream).sum().backward()
+    (depthwise_conv2d(x, weight, bias, "same", activation=activation) * upstream).sum().backward()
     assert weight.grad is None
     x_truth = x.detach().clone().requires_grad_()
     bias_truth = bias.detach().clone().requires_grad_()
-    (conv2d_truth(x_truth, weight, bias_truth, "same") * upstream).sum().backward()
+    expected = conv2d_truth(x_truth, weight, bias_truth, "same")
+    if activation is not None:
+        expected = F.gelu(expected)
+    (expected * upstream).sum().backward()
     torch.testing.assert_close(x.grad, x_truth.grad, **tolerance(torch.float32, 25))
     torch.testing.assert_close(bias.grad, bias_truth.grad, **tolerance(torch.float32, 180))
 
@@ -263,7 +353,8 @@ def test_op_registration_checks():
     op = torch.ops.convcov_fast.depthwise_conv2d.default
     torch.library.opcheck(op, (x, weight, bias, [1, 1, 0, 1], "auto"))
     x_last = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
-    torch.library.opcheck(op, (x_last, weight, None, [0, 0, 0, 0], "torch"))
+    activation_op = torch.ops.convcov_fast.depthwise_conv2d_activation.default
+    torch.library.opcheck(activation_op, (x_last, weight, None, [0, 0, 0, 0], "torch", "gelu"))
 
 
 # torch.compile and autocast
@@ -274,7 +365,7 @@ def small_frozen_model():
     return nn.Sequential(
         FrozenCovDepthwiseConv2d(4, 3, generator=generator),
         nn.GELU(),
-        FrozenCovDepthwiseConv2d(4, (2, 3), generator=generator),
+        FrozenCovDepthwiseConv2d(4, (2, 3), generator=generator, activation="gelu"),
     )
 
 
@@ -372,7 +463,8 @@ def test_wrong_rank_raises():
 
 
 def test_weight_wrong_shape_raises():
-    with pytest.raises(ValueError, match=r"weight must be a depthwise weight of shape \(C, 1, kh, kw\), got \(3, 2, 3, 3\)"):
+    message = "weight must be a depthwise weight of shape (C, 1, kh, kw), got (3, 2, 3, 3)"
+    with pytest.raises(ValueError, match=re.escape(message)):
         depthwise_conv2d(torch.randn(1, 3, 8, 8), torch.randn(3, 2, 3, 3))
 
 
@@ -400,7 +492,9 @@ def test_non_tensor_input_raises():
         depthwise_conv2d([[1.0]], weight)
 
 
-@pytest.mark.parametrize("name, value", [("stride", 2), ("stride", (1, 2)), ("dilation", 2), ("dilation", (2, 1))])
+@pytest.mark.parametrize(
+    "name, value", [("stride", 2), ("stride", (1, 2)), ("dilation", 2), ("dilation", (2, 1))]
+)
 def test_stride_or_dilation_raises(name, value):
     x, weight, bias = random_inputs(3)
     with pytest.raises(ValueError, match=re.escape(f"{name} must be 1, got {value!r}")):
@@ -413,7 +507,9 @@ def test_stride_one_tuple_accepted():
     torch.testing.assert_close(result, conv2d_truth(x, weight, bias, "same"))
 
 
-@pytest.mark.parametrize("bias", [torch.zeros(4), torch.zeros(3, 1), torch.zeros(())], ids=["4", "3x1", "scalar"])
+@pytest.mark.parametrize(
+    "bias", [torch.zeros(4), torch.zeros(3, 1), torch.zeros(())], ids=["4", "3x1", "scalar"]
+)
 def test_bias_wrong_shape_raises(bias):
     x, weight, _ = random_inputs(3)
     with pytest.raises(ValueError, match=re.escape(f"bias must be a (3,) tensor, got {tuple(bias.shape)}")):
@@ -428,8 +524,16 @@ def test_bias_wrong_dtype_raises():
 
 def test_input_smaller_than_kernel_valid_raises():
     _, weight, _ = random_inputs(5)
-    with pytest.raises(ValueError, match=r"x of spatial size \(4, 9\) with padding \(0, 0, 0, 0\) is smaller than the 5x5 kernel"):
+    message = "x of spatial size (4, 9) with padding (0, 0, 0, 0) is smaller than the 5x5 kernel"
+    with pytest.raises(ValueError, match=re.escape(message)):
         depthwise_conv2d(torch.randn(1, 3, 4, 9), weight, padding="valid")
+
+
+@pytest.mark.parametrize("activation", ["relu", "none", "GELU"])
+def test_unknown_activation_raises(activation):
+    x, weight, _ = random_inputs(3)
+    with pytest.raises(ValueError, match=f"activation must be one of .*got '{activation}'"):
+        depthwise_conv2d(x, weight, activation=activation)
 
 
 @pytest.mark.parametrize("padding", ["full", -1, (1, -1), 1.5])
