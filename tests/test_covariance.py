@@ -524,3 +524,13 @@ def test_load_bank_wrong_shape_raises(tmp_path):
     torch.save(payload, path)
     with pytest.raises(ValueError, match=r"corrupt bank file: bank does not have shape \(L, 4, 4\)"):
         covariance.load_bank(path)
+
+
+def test_load_bank_corrupt_metadata_raises(tmp_path):
+    path = tmp_path / "bank.pt"
+    covariance.save_bank(path, covariance.closed_form(2, 3))
+    payload = torch.load(path, weights_only=True)
+    payload["metadata"] = "{not json"
+    torch.save(payload, path)
+    with pytest.raises(ValueError, match=re.escape(str(path)) + " is a corrupt bank file"):
+        covariance.load_bank(path)
