@@ -10,6 +10,8 @@ decays as a Gaussian of their distance, and the width grows with depth.
 """
 
 import json
+import math
+import numbers
 import os
 import pickle
 import zipfile
@@ -26,6 +28,8 @@ BANK_VERSION = 1
 # measured comparison of values.
 SIGMA_FIRST = 0.75
 SIGMA_LAST = 2.5
+# Constant correlation of every pair of taps in the closed-form bank (see ``gaussian``).
+CONSTANT = 0.0
 
 
 def default_variance(kernel_size):
@@ -46,19 +50,24 @@ def tap_coordinates(kernel_size):
     return torch.stack([rows.reshape(-1), cols.reshape(-1)], dim=1)
 
 
-def gaussian(kernel_size, sigma, *, variance=None):
+def gaussian(kernel_size, sigma, *, variance=None, constant=0.0):
     """Build the closed-form covariance of a kh x kw filter.
 
-    ``S[(i, j), (p, q)] = v * exp(-((i - p)^2 + (j - q)^2) / (2 sigma^2))``. Viewed as a kh x kw grid
-    of kh x kw blocks, the block of tap (i, j) is a Gaussian bump of width ``sigma`` centred on
-    (i, j). The matrix is positive semidefinite for every sigma > 0 because the Gaussian is a
-    positive-definite kernel on the plane.
+    ``S = v * ((1 - c) * G + c * 1 1^T)`` with ``G[(i, j), (p, q)] = exp(-((i - p)^2 + (j - q)^2)
+    / (2 sigma^2))``. Viewed as a kh x kw grid of kh x kw blocks, the block of tap (i, j) is a
+    Gaussian bump of width ``sigma`` centred on (i, j), raised by the constant ``c``. That
+    constant is the correlation that every pair of taps shares. G is positive semidefinite for every sigma > 0
+    because the Gaussian is a positive-definite kernel on the plane, and ``1 1^T`` is a rank-one
+    PSD matrix, so S is PSD for every c in [0, 1). Both terms have a unit diagonal, so every
+    diagonal entry of S is v. As sigma goes to 0, G tends to the identity.
 
     Args:
         kernel_size: int or (kh, kw).
         sigma: width of the bump, in taps; > 0.
         variance: the mean diagonal v, the per-weight variance of sampled filters. Defaults to
             ``default_variance(kernel_size)``.
+        constant: the constant correlation c of every pair of taps, in [0, 1). At 0 the matrix is
+            the pure Gaussian; near 1 every filter is close to a constant times the all-ones filter.
 
     Returns:
         (d, d) float64 covariance, d = kh * kw.
@@ -70,12 +79,26 @@ def gaussian(kernel_size, sigma, *, variance=None):
     """
     kernel_size = _checks.kernel_size_pair(kernel_size)
     sigma = _checks.positive_number(sigma, "sigma")
+    constant = constant_fraction(constant)
     if variance is None:
         variance = default_variance(kernel_size)
     variance = _checks.positive_number(variance, "variance")
     taps = tap_coordinates(kernel_size)
     squared_distance = (taps[:, None, :] - taps[None, :, :]).pow(2).sum(-1)
-    return variance * torch.exp(-squared_distance / (2.0 * sigma**2))
+    correlation = torch.exp(-squared_distance / (2.0 * sigma**2))
+    return variance * ((1.0 - constant) * correlation + constant)
+
+
+def constant_fraction(constant, name="constant"):
+    """Return ``constant`` as a float, raising unless it is a finite number in [0, 1)."""
+    if isinstance(constant, bool) or not isinstance(constant, numbers.Real):
+        raise TypeError(f"{name} must be a number in [0, 1), got {constant!r}")
+    if not math.isfinite(constant) or not 0.0 <= constant < 1.0:
+        raise ValueError(
+            f"{name} must be in [0, 1), got {constant!r}; it is the correlation shared by every "
+            "pair of taps, and 1 would make every filter constant"
+        )
+    return float(constant)
 
 
 def depth_sigmas(depth, sigma_first, sigma_last):
@@ -86,12 +109,20 @@ def depth_sigmas(depth, sigma_first, sigma_last):
     return [sigma_first + step * layer for layer in range(depth)]
 
 
-def closed_form(depth, kernel_size, *, sigma_first=SIGMA_FIRST, sigma_last=SIGMA_LAST, variance=None):
+def closed_form(
+    depth,
+    kernel_size,
+    *,
+    sigma_first=SIGMA_FIRST,
+    sigma_last=SIGMA_LAST,
+    constant=CONSTANT,
+    variance=None,
+):
     """Build a (depth, d, d) bank of Gaussian covariances whose width grows linearly with depth.
 
-    Layer ``l`` gets ``gaussian(kernel_size, sigma_l)`` with sigma_l spaced linearly from
-    ``sigma_first`` (layer 0) to ``sigma_last`` (layer depth - 1). A bank of depth 1 uses
-    ``sigma_first``. The defaults are provisional (see ``SIGMA_FIRST`` and ``SIGMA_LAST``).
+    Layer ``l`` gets ``gaussian(kernel_size, sigma_l, constant=constant)`` with sigma_l spaced
+    linearly from ``sigma_first`` (layer 0) to ``sigma_last`` (layer depth - 1). A bank of depth 1
+    uses ``sigma_first``. The defaults are those of ``SIGMA_FIRST``, ``SIGMA_LAST`` and ``CONSTANT``.
 
     Example:
         >>> closed_form(8, 9).shape
@@ -101,8 +132,11 @@ def closed_form(depth, kernel_size, *, sigma_first=SIGMA_FIRST, sigma_last=SIGMA
     kernel_size = _checks.kernel_size_pair(kernel_size)
     sigma_first = _checks.positive_number(sigma_first, "sigma_first")
     sigma_last = _checks.positive_number(sigma_last, "sigma_last")
+    constant = constant_fraction(constant)
     sigmas = depth_sigmas(depth, sigma_first, sigma_last)
-    return torch.stack([gaussian(kernel_size, s, variance=variance) for s in sigmas])
+    return torch.stack(
+        [gaussian(kernel_size, s, variance=variance, constant=constant) for s in sigmas]
+    )
 
 
 def empirical(filters):
