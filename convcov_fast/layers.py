@@ -115,8 +115,13 @@ class FrozenCovDepthwiseConv2d(nn.Module):
         )
 
 
-def resolve_layer_covariances(cov, kernel_sizes):
-    """Return one (d, d) covariance per layer for ``convert``: closed-form, shared or from a bank."""
+def resolve_layer_covariances(cov, kernel_sizes, source_kernel_size=None):
+    """Return one (d, d) covariance per layer for ``convert``: closed-form, shared or from a bank.
+
+    ``source_kernel_size`` is the kernel size of ``cov``. Without it a square d gives a square
+    kernel, and a non-square d is taken to match the layers of that d. A matrix shared by several
+    layers of one kernel size is returned as one object for all of them, so it is factored once.
+    """
     depth = len(kernel_sizes)
     if isinstance(cov, str):
         if cov != "closed_form":
@@ -136,10 +141,20 @@ def resolve_layer_covariances(cov, kernel_sizes):
             f"cov is a bank of {stack.shape[0]} covariances but the model has {depth} depthwise "
             f"convolutions; map it with covariance.interpolate_depth(bank, {depth}) first"
         )
+    if source_kernel_size is not None:
+        source_kernel_size = _checks.kernel_size_from_dim(stack.shape[-1], source_kernel_size)
+    resized = {}
     resolved = []
     for matrix, size in zip(layers, kernel_sizes):
-        if matrix.shape[-1] != size[0] * size[1]:
-            matrix = covariance.resize(matrix, size)
+        if source_kernel_size is not None:
+            needs_resize = source_kernel_size != size
+        else:
+            needs_resize = matrix.shape[-1] != size[0] * size[1]
+        if needs_resize:
+            key = (id(matrix), size)
+            if key not in resized:
+                resized[key] = covariance.resize(matrix, size, source_kernel_size=source_kernel_size)
+            matrix = resized[key]
         resolved.append(matrix)
     return resolved
 
@@ -162,7 +177,7 @@ def is_supported_by_frozen_layer(conv):
     )
 
 
-def convert(model, cov="closed_form", *, freeze=True, generator=None, backend="auto"):
+def convert(model, cov="closed_form", *, freeze=True, generator=None, backend="auto", kernel_size=None):
     """Re-initialize every depthwise ``nn.Conv2d`` of ``model`` from covariances, in place.
 
     Args:
@@ -177,6 +192,8 @@ def convert(model, cov="closed_form", *, freeze=True, generator=None, backend="a
             weights in place and leave them trainable.
         generator: optional ``torch.Generator``; the same seed gives the same filters.
         backend: backend of the frozen layers.
+        kernel_size: the kernel size ``cov`` was built for. Needed only for a rectangular
+            covariance applied to layers of another kernel size.
 
     Returns:
         ``model``, or the new layer when ``model`` itself is a depthwise convolution that was replaced.
@@ -188,9 +205,14 @@ def convert(model, cov="closed_form", *, freeze=True, generator=None, backend="a
             "(groups == in_channels == out_channels) to convert"
         )
     kernel_sizes = [tuple(conv.kernel_size) for _, conv in convs]
-    covs = resolve_layer_covariances(cov, kernel_sizes)
+    covs = resolve_layer_covariances(cov, kernel_sizes, kernel_size)
+    factors = {}
     for (name, conv), matrix in zip(convs, covs):
-        sampling.init_(conv.weight, matrix, generator=generator)
+        if id(matrix) not in factors:
+            # Sampling runs on the generator's device, as in ``init_``.
+            device = generator.device if generator is not None else conv.weight.device
+            factors[id(matrix)] = sampling.factorize(matrix.to(device))
+        sampling.fill_from_factors(conv.weight, factors[id(matrix)], generator=generator)
         if not freeze:
             continue
         if not is_supported_by_frozen_layer(conv):

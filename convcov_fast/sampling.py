@@ -37,10 +37,12 @@ def factorize(cov):
 def factorize_stack(stack, indices=None):
     """Factor a validated, symmetric float64 (B, d, d) stack (see ``factorize``).
 
-    Identical matrices in the stack, such as one covariance shared by many layers, are factored once.
-    ``indices`` gives each matrix's index in the caller's bank, for error messages.
+    On the CPU, identical matrices in the stack, such as one covariance shared by many layers, are
+    factored once. On other devices the whole stack goes to one batched Cholesky, because finding
+    duplicates there would wait for the device. ``indices`` gives each matrix's index in the
+    caller's bank, for error messages.
     """
-    if stack.shape[0] > 1:
+    if stack.shape[0] > 1 and stack.device.type == "cpu":
         distinct, inverse = torch.unique(stack.reshape(stack.shape[0], -1), dim=0, return_inverse=True)
         if distinct.shape[0] < stack.shape[0]:
             positions = torch.arange(stack.shape[0], device=inverse.device)
@@ -49,7 +51,8 @@ def factorize_stack(stack, indices=None):
             factors = factorize_stack(distinct.reshape(-1, *stack.shape[1:]), first.tolist())
             return factors[inverse]
     factors, info = torch.linalg.cholesky_ex(stack)
-    # NOTE: this check copies one flag to the host, the only synchronization in the common case.
+    # NOTE: on CUDA this check waits for the device to copy one flag to the host, and so do the
+    # finiteness and symmetry checks of the validation before it.
     failed = info != 0
     if not bool(failed.any()):
         return factors
@@ -209,7 +212,15 @@ def init_(weight, cov, *, generator=None, backend="auto"):
     device = generator.device if generator is not None else weight.device
     if isinstance(cov, torch.Tensor):
         cov = cov.to(device)
-    filters = sample(cov, channels, generator=generator, kernel_size=(kh, kw), backend=backend)
+    stack = _checks.covariance_stack(cov)
+    _checks.kernel_size_from_dim(stack.shape[-1], (kh, kw))
+    return fill_from_factors(weight, factorize_stack(stack), generator=generator, backend=backend)
+
+
+def fill_from_factors(weight, factors, *, generator=None, backend="auto"):
+    """Fill a validated (C, 1, kh, kw) weight in place from (1, d, d) factors; returns ``weight``."""
+    channels, _, kh, kw = weight.shape
+    filters = sample_from_factors(factors, channels, generator=generator, backend=backend)
     with torch.no_grad():
         weight.copy_(filters.reshape(channels, 1, kh, kw))
     return weight
