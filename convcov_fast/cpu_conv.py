@@ -424,6 +424,12 @@ def _candidates(op, dtype, kernel_size):
     names = list(STRATEGIES[op])
     if dtype not in (torch.float32, torch.float64):
         names.remove("fft")
+    if op == "input_grad" and dtype == torch.float16:
+        # With torch 2.13.0+cpu, the float16 backward-data kernel of aten.convolution_backward
+        # returns inf where partial sums pass 65504 but the result is finite, and is 4 times
+        # less accurate than F.conv2d elsewhere, as a float16 accumulator would be.
+        names.remove("backward_nchw")
+        names.remove("backward_channels_last")
     first = default_strategy(op, kernel_size)
     names.remove(first)
     return [first] + names
