@@ -83,7 +83,7 @@ def add_train_arguments(parser):
     model.add_argument("--depth", type=positive_int, default=DEFAULTS.depth,
                        help=f"number of ConvMixer blocks (default: {DEFAULTS.depth})")
     model.add_argument("--kernel-size", type=positive_int, default=DEFAULTS.kernel_size,
-                       help="side of the square depthwise kernel, in pixels of the patch grid "
+                       help="side of the square depthwise kernel, in cells of the patch grid "
                             f"(default: {DEFAULTS.kernel_size})")
     model.add_argument("--patch-size", type=positive_int, default=DEFAULTS.patch_size,
                        help="side of the square patches of the stem, in pixels "

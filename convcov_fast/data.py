@@ -21,8 +21,8 @@ FILES = {
 }
 
 INSTALL_HINT = (
-    "install them with `apt-get update && apt-get install dataset-fashion-mnist`, "
-    "or pass the folder that contains them with --data DIR"
+    "install the dataset with `apt-get update && apt-get install dataset-fashion-mnist`, "
+    "or pass the folder that contains the files with --data DIR"
 )
 
 IMAGE_SIZE = 28

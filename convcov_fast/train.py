@@ -37,7 +37,13 @@ LOSS_TRACE_POINTS = 20
 
 @dataclass
 class TrainConfig:
-    """Settings of one training run. The defaults finish in a few minutes on a 2-core CPU.
+    """Settings of one training run.
+
+    With the defaults, ``python -m convcov_fast train`` reached 0.8635 test accuracy on the full
+    test split and used 183 s of CPU time on a 2-core AMD EPYC VM with torch 2.13.0+cpu (measured
+    2026-12-04). Its wall time there was 5 min 47 s, because other jobs kept the load average at
+    6-7. NOTE: the wall time of an idle 2-core machine is estimated from the CPU time, at 1.5 to
+    2.5 min, and was not measured.
 
     ``init`` is "default" (PyTorch's uniform init), "closed_form" (``covariance.closed_form``) or
     the path of a bank file written by ``covariance.save_bank``. Sizes of data subsets count
@@ -45,14 +51,14 @@ class TrainConfig:
     validation split, and ``seed`` sets the weights, the filters and the batch order.
     """
 
-    dim: int = 64
+    dim: int = 128
     depth: int = 4
     kernel_size: int = 9
-    patch_size: int = 2
+    patch_size: int = 4
     depthwise: str = "frozen"
     init: str = "closed_form"
     epochs: int = 1
-    train_subset: int = 12000
+    train_subset: int = 40000
     val_size: int = 0
     test_subset: int = 0
     batch_size: int = 128
@@ -115,7 +121,7 @@ def _check_int(config, name, *, minimum):
 
 
 def resolve_device(name):
-    """Return the torch.device for "auto", "cpu" or "cuda"; "auto" picks CUDA when available."""
+    """Return the torch.device for "auto", "cpu" or "cuda". "auto" picks CUDA when available."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
@@ -409,7 +415,7 @@ def save_checkpoint(path, model, config):
     alone cannot tell apart from a convolution with one input channel. The file contains only
     tensors, strings and numbers, so ``torch.load(path, weights_only=True)`` reads it.
     """
-    names = [f"{name}.weight" for name, module in model.named_modules()
+    names = [f"{name}.weight" if name else "weight" for name, module in model.named_modules()
              if covariance.depthwise_weight_of(module) is not None]
     state_dict = {key: value.detach().cpu() for key, value in model.state_dict().items()}
     torch.save({"model": state_dict, "depthwise_layers": names, "config": config}, os.fspath(path))

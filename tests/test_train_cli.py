@@ -254,7 +254,8 @@ def test_sample_closed_form_pt(capsys, tmp_path):
     assert filters.shape == (4000, 5, 5)
     assert filters.dtype == torch.float32
     expected = covariance.gaussian(5, 1.5, variance=0.5)
-    # 4,000 samples estimate each covariance entry to about sqrt(2 / 4000) * 0.5 = 0.011.
+    # 4,000 samples estimate each covariance entry with a standard error of at most
+    # sqrt(2 / 4000) * 0.5 = 0.011, so atol is over 5 standard errors.
     torch.testing.assert_close(covariance.empirical(filters), expected, atol=0.06, rtol=0)
 
     again = tmp_path / "again.pt"
@@ -316,7 +317,7 @@ def test_plot_closed_form(capsys, tmp_path):
     assert figure.read_bytes()[:8] == PNG_SIGNATURE
 
 
-def test_plain_state_dict_with_mixed_sizes_needs_layers(capsys, tmp_path):
+def test_mixed_kernel_sizes_need_layers(capsys, tmp_path):
     checkpoint = tmp_path / "mixed.pt"
     state_dict = checkpoint_with_filters(1, [3, 5])
     torch.save(state_dict, checkpoint)
