@@ -75,7 +75,8 @@ def add_train_arguments(parser):
     )
     frozen.add_argument(
         "--trainable", dest="depthwise", action="store_const", const="trainable",
-        help="train the depthwise filters" + (" (default)" if DEFAULTS.depthwise == "trainable" else ""),
+        help="train the depthwise filters"
+             + (" (default)" if DEFAULTS.depthwise == "trainable" else ""),
     )
     parser.set_defaults(depthwise=DEFAULTS.depthwise)
     model.add_argument("--dim", type=positive_int, default=DEFAULTS.dim,
@@ -96,7 +97,8 @@ def add_train_arguments(parser):
                               help=f"training images per step (default: {DEFAULTS.batch_size})")
     optimization.add_argument("--lr", type=positive_float, default=DEFAULTS.lr,
                               help=f"peak AdamW learning rate (default: {DEFAULTS.lr})")
-    optimization.add_argument("--weight-decay", type=non_negative_float, default=DEFAULTS.weight_decay,
+    optimization.add_argument("--weight-decay", type=non_negative_float,
+                              default=DEFAULTS.weight_decay,
                               help=f"AdamW weight decay (default: {DEFAULTS.weight_decay})")
     optimization.add_argument("--schedule", choices=train.SCHEDULES, default=DEFAULTS.schedule,
                               help="learning-rate schedule over all steps: one-cycle, or linear "
@@ -127,7 +129,8 @@ def add_train_arguments(parser):
 
     run = parser.add_argument_group("run")
     run.add_argument("--device", choices=train.DEVICES, default=DEFAULTS.device,
-                     help=f"device to train on; auto picks CUDA when available (default: {DEFAULTS.device})")
+                     help="device to train on; auto picks CUDA when available "
+                          f"(default: {DEFAULTS.device})")
     layout = run.add_mutually_exclusive_group()
     layout.add_argument("--channels-last", dest="channels_last", action="store_true",
                         help="use the channels-last (NHWC) memory format"
@@ -180,7 +183,8 @@ def add_covariance_source_arguments(parser):
     source = parser.add_argument_group("covariance (choose one source)")
     choice = source.add_mutually_exclusive_group(required=True)
     choice.add_argument("--bank", metavar="PATH",
-                        help="bank file written by 'convcov-fast covariance' or covariance.save_bank")
+                        help="bank file written by 'convcov-fast covariance' or "
+                             "covariance.save_bank")
     choice.add_argument("--sigma", type=positive_float,
                         help="width of the closed-form Gaussian covariance, in taps")
     choice.add_argument("--depth", type=positive_int,
@@ -272,7 +276,8 @@ def command_sample(args):
 def add_plot_arguments(parser):
     parser.add_argument("output", help="PNG file for the figure")
     parser.add_argument("--filters", type=non_negative_int, default=6,
-                        help="sample filters drawn next to each covariance; 0 for none (default: 6)")
+                        help="sample filters drawn next to each covariance; 0 for none "
+                             "(default: 6)")
     parser.add_argument("--seed", type=non_negative_int, default=0,
                         help="seed of the filter sampling (default: 0)")
     add_covariance_source_arguments(parser)
@@ -336,7 +341,8 @@ def add_optional_command(subparsers, name, help_text):
         reason = f"{type(error).__name__}: {error}"
         parser = subparsers.add_parser(name, help=f"{help_text} (unavailable)",
                                        description=f"{help_text}. Unavailable here: {reason}")
-        parser.set_defaults(func=lambda args: _unavailable(name, reason), ignores_extra_arguments=True)
+        parser.set_defaults(func=lambda args: _unavailable(name, reason),
+                            ignores_extra_arguments=True)
         return
     parser = subparsers.add_parser(name, help=help_text, description=help_text)
     add_arguments(parser)

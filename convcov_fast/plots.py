@@ -33,7 +33,8 @@ def plot_history(history, path):
     trace = [point for entry in history for point in entry.get("loss_trace", [])]
     if trace:
         positions, losses = zip(*trace)
-        loss_axes.plot(positions, losses, color="tab:blue", alpha=0.6, label="mean over batch windows")
+        loss_axes.plot(positions, losses, color="tab:blue", alpha=0.6,
+                       label="mean over batch windows")
     loss_axes.plot(epochs, [entry["train_loss"] for entry in history], "o", color="tab:blue",
                    label="epoch mean")
     loss_axes.set_xlabel("epoch")

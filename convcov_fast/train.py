@@ -39,11 +39,11 @@ LOSS_TRACE_POINTS = 20
 class TrainConfig:
     """Settings of one training run.
 
-    With the defaults, ``python -m convcov_fast train`` reached 0.8635 test accuracy on the full
-    test split and used 183 s of CPU time on a 2-core AMD EPYC VM with torch 2.13.0+cpu (measured
-    2026-12-04). Its wall time there was 5 min 47 s, because other jobs kept the load average at
-    6-7. NOTE: the wall time of an idle 2-core machine is estimated from the CPU time, at 1.5 to
-    2.5 min, and was not measured.
+    With the defaults, ``python -m convcov_fast train`` reached 0.8635 test accuracy on the
+    full test split and used 183 s of CPU time on a 2-core AMD EPYC VM with torch 2.13.0+cpu
+    (measured 2026-12-04). Its wall time there was 5 min 47 s, because other jobs kept the load
+    average at 6-7. NOTE: the wall time of an idle 2-core machine is estimated from the CPU
+    time, at 1.5 to 2.5 min, and was not measured.
 
     ``init`` is "default" (PyTorch's uniform init), "closed_form" (``covariance.closed_form``) or
     the path of a bank file written by ``covariance.save_bank``. Sizes of data subsets count
@@ -89,7 +89,8 @@ class TrainConfig:
             _check_int(self, name, minimum=0)
         for name in ("lr", "weight_decay", "grad_clip", "label_smoothing", "warmup_fraction"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not is_number or not math.isfinite(value):
                 raise TypeError(f"{name} must be a finite number, got {value!r}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
@@ -101,14 +102,17 @@ class TrainConfig:
         if not 0 < self.warmup_fraction < 1:
             raise ValueError(f"warmup_fraction must be in (0, 1), got {self.warmup_fraction}")
         if self.depthwise not in models.DEPTHWISE_KINDS:
-            raise ValueError(f"depthwise must be one of {models.DEPTHWISE_KINDS}, got {self.depthwise!r}")
+            raise ValueError(
+                f"depthwise must be one of {models.DEPTHWISE_KINDS}, got {self.depthwise!r}"
+            )
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
         if not isinstance(self.init, str) or not self.init:
             raise TypeError(
-                f"init must be 'default', 'closed_form' or the path of a bank file, got {self.init!r}"
+                "init must be 'default', 'closed_form' or the path of a bank file, "
+                f"got {self.init!r}"
             )
 
 
@@ -455,8 +459,10 @@ def bank_from_checkpoint(path, *, patterns=None):
     """
     payload = covariance.load_tensors(path, "checkpoint")
     if not isinstance(payload, dict):
-        raise ValueError(f"{path} contains a {type(payload).__name__}, expected a state_dict or a dict "
-                         "with a 'model' or 'state_dict' key")
+        raise ValueError(
+            f"{path} contains a {type(payload).__name__}, expected a state_dict or a dict "
+            "with a 'model' or 'state_dict' key"
+        )
     state_dict = payload
     for key in ("model", "state_dict"):
         if isinstance(payload.get(key), dict):

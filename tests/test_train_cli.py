@@ -1,5 +1,6 @@
 """The convcov-fast command line and the training loop behind it."""
 
+import dataclasses
 import json
 import pathlib
 import subprocess
@@ -16,8 +17,9 @@ from convcov_fast import cli, covariance, data, train
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 COMMANDS = ("train", "sample", "covariance", "plot", "bench", "study")
 
+REAL_FILES = [data.DEFAULT_DATA_DIR / name for names in data.FILES.values() for name in names]
 needs_real_data = pytest.mark.skipif(
-    not all((data.DEFAULT_DATA_DIR / name).is_file() for names in data.FILES.values() for name in names),
+    not all(path.is_file() for path in REAL_FILES),
     reason=f"Fashion-MNIST is not installed in {data.DEFAULT_DATA_DIR} "
            "(apt-get install dataset-fashion-mnist)",
 )
@@ -45,9 +47,11 @@ def checkpoint_with_filters(rng_seed, kernel_sizes, channels=12):
     generator = torch.Generator().manual_seed(rng_seed)
     state_dict = {}
     for index, size in enumerate(kernel_sizes):
-        state_dict[f"blocks.{index}.weight"] = torch.randn(channels, 1, size, size, generator=generator)
+        depthwise = torch.randn(channels, 1, size, size, generator=generator)
+        pointwise = torch.randn(channels, channels, 1, 1, generator=generator)
+        state_dict[f"blocks.{index}.weight"] = depthwise
         state_dict[f"blocks.{index}.bias"] = torch.randn(channels, generator=generator)
-        state_dict[f"pointwise.{index}.weight"] = torch.randn(channels, channels, 1, 1, generator=generator)
+        state_dict[f"pointwise.{index}.weight"] = pointwise
     state_dict["norm.running_mean"] = torch.zeros(channels, 1, 1, 1)
     state_dict["head.weight"] = torch.randn(10, channels, generator=generator)
     return state_dict
@@ -208,6 +212,59 @@ def test_train_config_rejects_invalid_fields():
         train.TrainConfig(epochs=1.0)
     with pytest.raises(ValueError, match="warmup_fraction must be in"):
         train.TrainConfig(warmup_fraction=1.0)
+
+
+def random_dataset(seed, sizes=(64, 16, 32)):
+    """A data.FashionMNIST of random images with random labels, with train, val, test sizes."""
+    generator = torch.Generator().manual_seed(seed)
+    splits = [data.Split(torch.randn(n, 1, 28, 28, generator=generator),
+                         torch.randint(0, 10, (n,), generator=generator)) for n in sizes]
+    return data.FashionMNIST(*splits)
+
+
+def test_train_loop_is_seeded(tmp_path):
+    dataset = random_dataset(0)
+    config = train.TrainConfig(dim=8, depth=1, kernel_size=3, patch_size=4, epochs=2,
+                               batch_size=16, schedule="cosine", augment=True, val_size=16,
+                               device="cpu", output_dir=None)
+    first = train.train(config, dataset=dataset, progress=False, log=lambda line: None)
+    again = train.train(config, dataset=dataset, progress=False, log=lambda line: None)
+    assert [entry["train_loss"] for entry in first["history"]] == [
+        entry["train_loss"] for entry in again["history"]]
+    assert first["test_accuracy"] == again["test_accuracy"]
+
+    assert len(first["history"]) == 2
+    assert first["train_images"] == 64
+    assert first["val_images"] == 16
+    assert first["test_images"] == 32
+    assert first["val_accuracy"] == first["history"][-1]["val_accuracy"]
+    positions = [point[0] for entry in first["history"] for point in entry["loss_trace"]]
+    assert positions == sorted(positions)
+    assert positions[-1] == pytest.approx(2.0)
+    assert all(np.isfinite(entry["train_loss"]) for entry in first["history"])
+    assert list(tmp_path.iterdir()) == []
+
+    other = train.train(dataclasses.replace(config, seed=1), dataset=dataset, progress=False,
+                        log=lambda line: None)
+    assert other["history"][0]["train_loss"] != first["history"][0]["train_loss"]
+
+
+@pytest.mark.parametrize("schedule", train.SCHEDULES)
+def test_schedule_warms_up_and_decays(schedule):
+    config = train.TrainConfig(schedule=schedule, lr=0.1, warmup_fraction=0.25)
+    model = torch.nn.Linear(2, 2)
+    optimizer, scheduler = train.build_optimizer(model, config, total_steps=20)
+    rates = []
+    for _ in range(20):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    peak = rates.index(max(rates))
+    assert peak == 4
+    assert max(rates) == pytest.approx(0.1)
+    assert rates[:peak + 1] == sorted(rates[:peak + 1])
+    assert rates[peak:] == sorted(rates[peak:], reverse=True)
+    assert 0 < rates[-1] < 0.02
 
 
 def test_augment_batch_crops_and_flips():
@@ -376,7 +433,7 @@ def test_covariance_missing_checkpoint(capsys, tmp_path):
     "argv, message",
     [
         (["sample", "{tmp}/f.txt", "--sigma", "1"], "output must end in .pt or .npy"),
-        (["sample", "{tmp}/f.pt", "--sigma", "1", "--layer", "0"], "--layer selects a layer of --bank"),
+        (["sample", "{tmp}/f.pt", "--sigma", "1", "--layer", "0"], "--layer selects a layer"),
         (["sample", "{tmp}/f.pt", "--sigma", "1", "--sigma-last", "2"], "pass --depth N too"),
         (["sample", "{tmp}/f.pt", "--bank", "{tmp}/b.pt", "--variance", "2"], "not to --bank"),
         (["sample", "{tmp}/f.pt", "--bank", "{tmp}/missing.pt"], "bank file not found"),
