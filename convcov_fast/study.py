@@ -263,6 +263,20 @@ def fit_bank(bank, kernel_size):
     return [fit_gaussian(layer, kernel_size) for layer in stack]
 
 
+def sampling_noise_floor(fit, kernel_size, samples, generator):
+    """Return the relative error of ``fit_gaussian`` on the empirical covariance of ``samples`` draws.
+
+    The draws come from the Gaussian that ``fit`` describes, so the fit's own family contains the
+    truth and the whole error is the sampling noise of an empirical covariance of that many
+    filters: the error a perfect family would still show on a learned bank of that many channels.
+    """
+    kernel_size = _kernel_pair(kernel_size)
+    cov = covariance.gaussian(kernel_size, fit["sigma"], constant=fit["constant"])
+    filters = sampling.sample(cov, samples, generator=generator, kernel_size=kernel_size,
+                              dtype=torch.float64)
+    return fit_gaussian(covariance.empirical(filters), kernel_size)["relative_error"]
+
+
 def fitted_bank(fits, kernel_size):
     """Build the bank of fitted Gaussians, each at ``covariance.default_variance(kernel_size)``."""
     return torch.stack([
@@ -571,7 +585,7 @@ class Study:
             "selected": {"sigma_first": selected[0], "sigma_last": selected[1],
                          "constant": selected[2]},
             "grid": grid_scores,
-            "source_fits": fit_bank(source_bank, s.source_kernel_size),
+            "source_fits": self.source_fits(source_bank),
             "fits": {str(k): v for k, v in fits.items()},
             "table": summary_table(records, s),
             "runs_trained": self.trained,
@@ -583,6 +597,16 @@ class Study:
         if report:
             self.write_report(results, records, banks, source_bank)
         return results
+
+    def source_fits(self, source_bank):
+        """Fit every layer of the source bank and add the sampling noise floor of each fit."""
+        s = self.settings
+        fits = fit_bank(source_bank, s.source_kernel_size)
+        generator = torch.Generator().manual_seed(0)
+        for fit in fits:
+            fit["noise_floor"] = sampling_noise_floor(fit, s.source_kernel_size, s.source_dim,
+                                                      generator)
+        return fits
 
     def cached_wall_time(self):
         """Return the summed wall time of the source run and every cached run, in seconds."""
@@ -715,14 +739,17 @@ def markdown_report(results):
             f"{point['runs']} |"
         )
     lines += ["", "## Closed-form fits to the learned covariances", "",
-              "| bank | layer | sigma (taps) | constant | relative error |",
-              "|---|---:|---:|---:|---:|"]
+              "The noise floor is the relative error of the same fit on the empirical covariance "
+              "of as many filters, drawn from the fitted Gaussian itself.", "",
+              "| bank | layer | sigma (taps) | constant | relative error | noise floor |",
+              "|---|---:|---:|---:|---:|---:|"]
     fit_sets = [(f"source k={results['settings']['source_kernel_size']}", results["source_fits"])]
     fit_sets += [(f"transferred k={k}", fits) for k, fits in results["fits"].items()]
     for name, fits in fit_sets:
         for layer, fit in enumerate(fits):
+            floor = f"{fit['noise_floor']:.3f}" if "noise_floor" in fit else "–"
             lines.append(f"| {name} | {layer} | {fit['sigma']:.3f} | {fit['constant']:.3f} | "
-                         f"{fit['relative_error']:.3f} |")
+                         f"{fit['relative_error']:.3f} | {floor} |")
     lines += ["", f"Training runs took {results['run_wall_time_s']:.0f} s together, as each run "
               f"measured itself. This invocation trained {results['runs_trained']} run(s) and took "
               f"{results['wall_time_s']:.0f} s. torch {results['torch_version']}, "
@@ -757,7 +784,7 @@ def plot_curves(records, settings, path):
                 accuracy = np.array([[entry["test_accuracy"] for entry in run["history"]]
                                      for run in runs])
                 accuracy_axes.errorbar(epochs, 100 * accuracy.mean(0),
-                                       yerr=100 * accuracy.std(0) if len(runs) > 1 else None,
+                                       yerr=None if len(runs) < 2 else 100 * accuracy.std(0, ddof=1),
                                        marker="o", capsize=3, label=label, **style)
         loss_axes.set_title(f"kernel {kernel_size}: training loss", fontsize=10)
         loss_axes.set_xlabel("epoch")
@@ -779,9 +806,10 @@ def _symmetric_limit(values):
 
 
 def plot_banks(banks, kernel_size, path):
-    """Draw, per layer, the learned, fitted and closed-form covariances and learned minus fitted.
+    """Draw the learned, fitted and closed-form covariances and learned minus fitted.
 
-    Covariances are divided by their mean diagonal and shown in the grid-of-blocks view of
+    Rows are the first and the last layer only, which keeps the PNG of a 9 x 9 bank under
+    300 KB. Covariances are divided by their mean diagonal and shown in the grid-of-blocks view of
     ``plots.covariance_blocks``. Each row shares one colour scale, so the residual column shows
     how much of the learned structure the fit misses.
     """
@@ -790,19 +818,20 @@ def plot_banks(banks, kernel_size, path):
                                                                           "closed_form"))
     columns = [("learned (transferred)", learned), ("fitted", fitted), ("closed form", closed),
                ("learned − fitted", learned - fitted)]
-    layers = learned.shape[0]
-    figure, axes = plt.subplots(layers, len(columns), figsize=(2.3 * len(columns), 2.2 * layers),
+    shown = sorted({0, learned.shape[0] - 1})
+    figure, axes = plt.subplots(len(shown), len(columns),
+                                figsize=(2.3 * len(columns), 2.2 * len(shown)),
                                 squeeze=False, layout="constrained")
-    for layer in range(layers):
+    for row, layer in enumerate(shown):
         grids = [plots.covariance_blocks(stack[layer], pair) for _, stack in columns]
         limit = max(_symmetric_limit(grid) for grid in grids)
         for column, ((title, _), grid) in enumerate(zip(columns, grids)):
-            image = axes[layer, column].imshow(grid, cmap=plots.CMAP, vmin=-limit, vmax=limit,
-                                               interpolation="nearest")
-            axes[layer, column].set_title(f"layer {layer}: {title}", fontsize=8)
-            axes[layer, column].set_xticks([])
-            axes[layer, column].set_yticks([])
-        figure.colorbar(image, ax=axes[layer, -1], shrink=0.8)
+            image = axes[row, column].imshow(grid, cmap=plots.CMAP, vmin=-limit, vmax=limit,
+                                             interpolation="nearest")
+            axes[row, column].set_title(f"layer {layer}: {title}", fontsize=8)
+            axes[row, column].set_xticks([])
+            axes[row, column].set_yticks([])
+        figure.colorbar(image, ax=axes[row, -1], shrink=0.8)
     figure.savefig(Path(path), dpi=FIGURE_DPI)
     plt.close(figure)
 

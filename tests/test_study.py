@@ -153,6 +153,15 @@ def test_fit_of_noise_reports_large_error():
     assert fit["relative_error"] > 0.3
 
 
+def test_noise_floor_shrinks_with_samples():
+    fit = {"sigma": 1.2, "constant": 0.1}
+    few = study.sampling_noise_floor(fit, 5, 50, torch.Generator().manual_seed(0))
+    many = study.sampling_noise_floor(fit, 5, 5000, torch.Generator().manual_seed(0))
+    assert many < few
+    # The relative error of an empirical covariance scales about as sqrt(d / n) = 0.07 here.
+    assert many < 0.2
+
+
 def test_transfer_sets_default_variance():
     source = covariance.closed_form(3, 7, sigma_first=1.0, sigma_last=2.0, variance=5.0)
     bank = study.transfer(source, 7, 9, 4)
