@@ -157,13 +157,13 @@ class StudySettings:
 MODES = {
     # docs/results.md records the measured wall time of the modes that were run.
     "quick": StudySettings(
-        dim=32, depth=4, epochs=1, train_subset=1000, val_size=500, test_subset=1000,
+        dim=32, depth=4, epochs=1, train_subset=1000, val_size=500, test_subset=500,
         seeds=(0,), kernel_sizes=(9,),
         grid_sigma_first=(0.5,), grid_sigma_last=(1.5, 4.0), grid_constant=(0.0,),
-        source_dim=48,
+        source_dim=32, batch_size=32,
     ),
-    # Batches of 32 give 63 optimizer steps per run. With the 16 steps of --quick, most runs
-    # end near chance accuracy.
+    # Batches of 32 give 63 optimizer steps per run. With 16 steps (1,000 images in batches of
+    # 64), most runs ended near chance accuracy.
     "default": StudySettings(
         dim=32, depth=4, epochs=1, train_subset=2000, val_size=1000, test_subset=2000,
         seeds=(0, 1, 2), kernel_sizes=(5, 9),
