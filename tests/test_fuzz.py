@@ -24,8 +24,9 @@ from tolerances import TOLERANCES, tolerance
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
-# The database is off so that runs leave no .hypothesis/ folder in the tree. print_blob prints
-# the @reproduce_failure line of a failing example instead.
+# The example database is off, so runs store no examples under .hypothesis/ and a failure is
+# reproduced from the @reproduce_failure line that print_blob prints. Hypothesis still caches
+# constants in .hypothesis/, with a .gitignore of its own.
 PROFILES = {
     "ci": settings(
         max_examples=30,
