@@ -555,6 +555,30 @@ def _run(op, args, tensors, kernel_size, padding4, memory_format):
 # Entry points called by ops.py
 
 
+# float16 and bfloat16 are computed in float32 and rounded once at the end. On torch 2.13 (x86),
+# oneDNN's bfloat16 depthwise convolution in channels_last did not finish within 400 s for some
+# kernels of 15 and more taps per side, and the float16 backward-data kernel overflowed partial
+# sums to inf, while float32 was fast and exact to the final rounding.
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _in_float32(function):
+    """Wrap an entry point so half-precision tensors are computed in float32 and cast back."""
+
+    def wrapped(*args):
+        dtypes = {a.dtype for a in args if isinstance(a, torch.Tensor)}
+        half = dtypes & set(HALF_DTYPES)
+        if not half:
+            return function(*args)
+        upcast = [a.float() if isinstance(a, torch.Tensor) else a for a in args]
+        return function(*upcast).to(half.pop())
+
+    wrapped.__name__ = function.__name__
+    wrapped.__doc__ = function.__doc__
+    return wrapped
+
+
+@_in_float32
 def forward(x, weight, bias, padding4):
     """Compute the depthwise convolution of ``x`` on the CPU, in the memory format of ``x``."""
     padding4 = tuple(padding4)
@@ -562,6 +586,7 @@ def forward(x, weight, bias, padding4):
     return _run("forward", args, (x,), tuple(weight.shape[-2:]), padding4, _memory_format(x))
 
 
+@_in_float32
 def input_grad(grad_output, weight, padding4, input_size):
     """Compute the input gradient on the CPU, in the memory format of ``grad_output``."""
     padding4 = tuple(padding4)
@@ -570,6 +595,7 @@ def input_grad(grad_output, weight, padding4, input_size):
     return _run("input_grad", args, (grad_output,), tuple(weight.shape[-2:]), padding4, memory_format)
 
 
+@_in_float32
 def weight_grad(x, grad_output, kernel_size, padding4):
     """Compute the (C, 1, kh, kw) weight gradient on the CPU."""
     padding4 = tuple(padding4)

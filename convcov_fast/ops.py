@@ -305,8 +305,9 @@ def depthwise_conv2d(
         activation: None, "gelu" (exact) or "gelu_tanh", applied after the bias. The Triton path
             fuses it into the convolution kernels, forward and backward.
         stride, dilation: must be 1.
-        backend: "auto" (Triton on CUDA, the tuned CPU route on CPU), "torch" (plain PyTorch) or
-            "triton" (on the CPU only under ``TRITON_INTERPRET=1``).
+        backend: "auto" (Triton on CUDA, the tuned CPU route on CPU, PyTorch for float64), "torch"
+            (PyTorch ops only: the tuned CPU route on CPU, ``F.conv2d`` elsewhere) or "triton" (on
+            the CPU only under ``TRITON_INTERPRET=1``; float32, float16 and bfloat16).
 
     Returns:
         (N, C, H_out, W_out) in the memory format of ``x``.
@@ -328,6 +329,13 @@ def depthwise_conv2d(
             for t in (x, weight, bias)
         )
     _checks.conv_input(x, channels, (kh, kw), padding4, weight.dtype)
+    if x.dtype == torch.float64:
+        if backend == "triton":
+            raise TypeError(
+                "backend='triton' computes float32, float16 and bfloat16 only, got float64 input; "
+                "use backend='torch' or 'auto' for float64"
+            )
+        backend = "torch"
     if bias is not None:
         if not isinstance(bias, torch.Tensor) or bias.shape != (channels,):
             shape = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__

@@ -215,18 +215,16 @@ def test_forced_fft_low_precision(dtype):
         torch.testing.assert_close(result.double(), expected, **tolerance(dtype, length))
 
 
-def test_tuner_skips_fft_for_half_dtypes(monkeypatch):
-    def forbid_fft(*args):
-        raise AssertionError("the tuner ran fft on bfloat16")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_dtypes_computed_in_float32(dtype):
+    x, weight, bias, grad_output = random_case((2, 3, 8, 8), (5, 5), (2, 2, 2, 2), torch.contiguous_format, dtype=dtype)
 
-    for strategies in cpu_conv.STRATEGIES.values():
-        monkeypatch.setitem(strategies, "fft", forbid_fft)
-    x, weight, bias, grad_output = random_case((2, 3, 8, 8), (5, 5), (2, 2, 2, 2), torch.contiguous_format, dtype=torch.bfloat16)
+    outputs = [run_op(op, x, weight, bias, grad_output, (2, 2, 2, 2)) for op in cpu_conv.OPS]
 
-    for op in cpu_conv.OPS:
-        run_op(op, x, weight, bias, grad_output, (2, 2, 2, 2))
-
-    assert len(cpu_conv.chosen_strategies()) == 3
+    for output in outputs:
+        assert output.dtype == dtype
+    tuned_dtypes = {key.dtype for key in cpu_conv.chosen_strategies()}
+    assert tuned_dtypes == {torch.float32}
 
 
 def test_tuner_rejects_inaccurate_fft(monkeypatch):
