@@ -57,6 +57,9 @@ PROBE_BATCH_DIVISOR = 8
 TIMING_BUDGET_SECONDS = 0.05
 MAX_TIMED_RUNS = 5
 
+# Kernels with at least this many taps (15x15) default to channels_last for NCHW inputs too.
+LARGE_KERNEL_TAPS = 225
+
 ShapeKey = collections.namedtuple(
     "ShapeKey",
     ["op", "n", "c", "h", "w", "kh", "kw", "padding4", "dtype", "layout", "num_threads"],
@@ -395,16 +398,20 @@ def clear_cache() -> None:
         _cache.clear()
 
 
-def default_strategy(op: str, kernel_size: Tuple[int, int]) -> str:
+def default_strategy(op: str, kernel_size: Tuple[int, int], layout: str = "nchw") -> str:
     """Return the strategy used without timing: while tracing, and as the first candidate.
 
-    On a 2-core x86 CPU with torch 2.13 the channels_last oneDNN kernels were fastest or close on
-    most shapes. Their weight gradient became 10 to 30 times slower from 15x15 kernels on, where
-    "as_forward" and "fft" won.
+    ``layout`` is "nchw" or "channels_last", the memory format of the op's first tensor. With
+    torch 2.13 on a 2-core x86 CPU (docs/benchmarks.md), the tuner mostly kept the input's layout
+    for the forward and the input gradient up to 9x9 kernels. For 31x31 and 5x51 kernels NCHW
+    oneDNN was 20 to 35 times slower than channels_last. "as_forward" won most weight gradients,
+    and the oneDNN weight gradient became 10 to 30 times slower from 15x15 kernels on.
     """
     if op == "weight_grad":
-        return "as_forward" if kernel_size[0] * kernel_size[1] >= 225 else "channels_last"
-    return "channels_last"
+        return "as_forward"
+    if layout.startswith("channels_last") or kernel_size[0] * kernel_size[1] >= LARGE_KERNEL_TAPS:
+        return "channels_last"
+    return "nchw"
 
 
 # --------------------------------------------------------------------------------------------
@@ -419,7 +426,7 @@ def _is_tracing(tensors):
     return any(isinstance(t, FakeTensor) or t.device.type == "meta" for t in tensors)
 
 
-def _candidates(op, dtype, kernel_size):
+def _candidates(op, dtype, kernel_size, layout):
     """Return the strategy names the tuner times, the default first."""
     names = list(STRATEGIES[op])
     if dtype not in (torch.float32, torch.float64):
@@ -430,7 +437,7 @@ def _candidates(op, dtype, kernel_size):
         # less accurate than F.conv2d elsewhere, as a float16 accumulator would be.
         names.remove("backward_nchw")
         names.remove("backward_channels_last")
-    first = default_strategy(op, kernel_size)
+    first = default_strategy(op, kernel_size, layout)
     names.remove(first)
     return [first] + names
 
@@ -484,7 +491,7 @@ def _tune(op, key, call, args, kernel_size):
     probe_size = max(1, batch // PROBE_BATCH_DIVISOR)
     best_name, best_time, best_result = None, float("inf"), None
     direct_result, first_error = None, None
-    for name in _candidates(op, key.dtype, kernel_size):
+    for name in _candidates(op, key.dtype, kernel_size, key.layout):
         try:
             timed = _time_candidate(call, op, name, args, probe_size, best_time, direct_result)
         except RuntimeError as error:
@@ -539,11 +546,11 @@ def _run(op, args, tensors, kernel_size, padding4, memory_format):
     forced = forced_strategy(op)
     if forced is not None:
         return call(forced, args)
+    layout = "+".join(_layout_name(t) for t in tensors)
     if _is_tracing(tensors):
-        return call(default_strategy(op, kernel_size), args)
+        return call(default_strategy(op, kernel_size, layout), args)
     first = tensors[0]
     n, c, h, w = first.shape
-    layout = "+".join(_layout_name(t) for t in tensors)
     key = ShapeKey(op, n, c, h, w, kernel_size[0], kernel_size[1], padding4, first.dtype, layout, torch.get_num_threads())
     name = _cache.get(key)
     if name is None:

@@ -233,7 +233,7 @@ def test_tuner_rejects_inaccurate_fft(monkeypatch):
         return y + 1e-3 * y.abs().max()
 
     monkeypatch.setitem(cpu_conv.FORWARD_STRATEGIES, "fft", inaccurate_fft)
-    monkeypatch.setattr(cpu_conv, "_candidates", lambda op, dtype, kernel_size: ["nchw", "fft"])
+    monkeypatch.setattr(cpu_conv, "_candidates", lambda op, dtype, kernel_size, layout: ["nchw", "fft"])
     x, weight = torch.randn(2, 3, 8, 8), torch.randn(3, 1, 3, 3)
 
     cpu_conv.forward(x, weight, None, (1, 1, 1, 1))
@@ -249,7 +249,7 @@ def test_tuner_accepts_accurate_fft(monkeypatch):
 
     monkeypatch.setitem(cpu_conv.FORWARD_STRATEGIES, "nchw", slow_nchw)
     monkeypatch.setitem(cpu_conv.FORWARD_STRATEGIES, "fft", cpu_conv._forward_channels_last)
-    monkeypatch.setattr(cpu_conv, "_candidates", lambda op, dtype, kernel_size: ["nchw", "fft"])
+    monkeypatch.setattr(cpu_conv, "_candidates", lambda op, dtype, kernel_size, layout: ["nchw", "fft"])
     x, weight = torch.randn(2, 3, 8, 8), torch.randn(3, 1, 3, 3)
 
     cpu_conv.forward(x, weight, None, (1, 1, 1, 1))
@@ -261,12 +261,14 @@ def test_tuner_skips_failing_candidate(monkeypatch):
     def unsupported(*args):
         raise RuntimeError("unsupported")
 
-    monkeypatch.setitem(cpu_conv.FORWARD_STRATEGIES, "channels_last", unsupported)
+    failing = cpu_conv.default_strategy("forward", (3, 3), "nchw")
+    monkeypatch.setitem(cpu_conv.FORWARD_STRATEGIES, failing, unsupported)
     x, weight, bias, grad_output = random_case((2, 3, 8, 8), (3, 3), (1, 1, 1, 1), torch.contiguous_format)
 
     result = cpu_conv.forward(x, weight, bias, (1, 1, 1, 1))
 
-    assert list(cpu_conv.chosen_strategies().values()) in (["nchw"], ["fft"])
+    (chosen,) = cpu_conv.chosen_strategies().values()
+    assert chosen != failing
     expected = expected_output("forward", x, weight, bias, grad_output, (1, 1, 1, 1))
     torch.testing.assert_close(result, expected, **tolerance(torch.float64, 9))
 
@@ -278,10 +280,18 @@ def test_tuner_raises_when_every_candidate_fails(monkeypatch):
 
         monkeypatch.setitem(cpu_conv.FORWARD_STRATEGIES, name, unsupported)
     x, weight = torch.randn(2, 3, 8, 8), torch.randn(3, 1, 3, 3)
+    first = cpu_conv.default_strategy("forward", (3, 3), "nchw")
 
-    with pytest.raises(RuntimeError, match="channels_last is unsupported"):
+    with pytest.raises(RuntimeError, match=f"^{first} is unsupported"):
         cpu_conv.forward(x, weight, None, (1, 1, 1, 1))
     assert cpu_conv.chosen_strategies() == {}
+
+
+def test_default_strategy_follows_layout():
+    assert cpu_conv.default_strategy("forward", (7, 7), "nchw") == "nchw"
+    assert cpu_conv.default_strategy("forward", (7, 7), "channels_last") == "channels_last"
+    assert cpu_conv.default_strategy("input_grad", (31, 31), "nchw") == "channels_last"
+    assert cpu_conv.default_strategy("weight_grad", (3, 3), "nchw+nchw") in cpu_conv.WEIGHT_GRAD_STRATEGIES
 
 
 def test_fake_tensors_skip_tuning(monkeypatch):
