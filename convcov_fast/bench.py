@@ -53,7 +53,7 @@ class ConvCase:
 
     ``reference_batch`` is a typical per-GPU training batch of the source model (an estimate),
     used on CUDA. ``cpu_batch`` keeps the slowest variant of a full CPU run near a second on an idle
-    2-core CPU, and ``quick_batch`` keeps a ``--quick`` run near two minutes there.
+    2-core CPU, and ``quick_batch`` keeps a ``--quick`` run under two minutes there.
     """
 
     name: str
@@ -97,9 +97,10 @@ NUM_CLASSES = 10
 # Variants of the conv section: (implementation, weight). Each runs in both layouts.
 BASELINE = ("nn.Conv2d", "trainable")
 FROZEN_TORCH = ("nn.Conv2d", "frozen")
-# nn.Conv2d without bias, then a separate trainable bias add. With a trainable bias, the oneDNN
-# backward of nn.Conv2d computes the bias gradient in its backward-weights primitive, so it pays
-# for a weight gradient even when the weight is frozen. The separate add avoids that.
+# nn.Conv2d without bias, then a separate trainable bias add. On the CPU (torch 2.13, oneDNN),
+# aten.convolution_backward takes about as long for the bias gradient alone as for the weight
+# gradient, so nn.Conv2d with a trainable bias pays for a weight gradient even when the weight is
+# frozen (docs/benchmarks.md). The separate add avoids that.
 FROZEN_TORCH_SEPARATE_BIAS = ("nn.Conv2d+bias", "frozen")
 VARIANTS = (
     BASELINE,
@@ -139,7 +140,7 @@ def add_arguments(parser):
     parser.add_argument(
         "--quick", action="store_true",
         help=f"time {len(QUICK_CASE_NAMES)} cases with small batches and {QUICK_REPEATS} repeats, "
-             "about two minutes on a 2-core CPU",
+             "well under two minutes on a 2-core CPU without other load",
     )
     parser.add_argument(
         "--device", default="auto", choices=("auto", "cpu", "cuda"),

@@ -20,9 +20,10 @@ strategy, and ``chosen_strategies`` returns the cache. While ``torch.compile`` t
 or meta tensors, nothing is timed and ``default_strategy`` is used.
 
 FFT results carry a rounding error that grows with the largest output, not with each element.
-The tuner therefore accepts ``"fft"`` only for float32 and float64, and only when its output stays
-within ``FFT_MAX_ERROR_EPS`` float epsilons of the largest output of a direct strategy. A forced
-``"fft"`` on float16 or bfloat16 computes in float32 and casts the result.
+The tuner therefore accepts ``"fft"`` only when its output stays within ``FFT_MAX_ERROR_EPS``
+float epsilons of the largest output of a direct strategy. The entry points compute float16 and
+bfloat16 tensors in float32 and round the result once (see ``HALF_DTYPES``), so the strategies
+and the tuner see only float32 and float64.
 """
 
 import collections
@@ -401,11 +402,12 @@ def clear_cache() -> None:
 def default_strategy(op: str, kernel_size: Tuple[int, int], layout: str = "nchw") -> str:
     """Return the strategy used without timing: while tracing, and as the first candidate.
 
-    ``layout`` is "nchw" or "channels_last", the memory format of the op's first tensor. With
-    torch 2.13 on a 2-core x86 CPU (docs/benchmarks.md), the tuner mostly kept the input's layout
-    for the forward and the input gradient up to 9x9 kernels. For 31x31 and 5x51 kernels NCHW
-    oneDNN was 20 to 35 times slower than channels_last. "as_forward" won most weight gradients,
-    and the oneDNN weight gradient became 10 to 30 times slower from 15x15 kernels on.
+    ``layout`` names the memory format of the op's tensors (``ShapeKey.layout``). With torch 2.13
+    on a 2-core x86 CPU (docs/benchmarks.md), the tuner mostly kept the input's layout for the
+    forward and the input gradient up to 9x9 kernels. For 31x31 and 5x51 kernels the NCHW oneDNN
+    forward was 28 to 36 times slower than channels_last. "as_forward" won most weight
+    gradients. In a one-off measurement under load, the oneDNN weight gradient cost 14 to 27
+    times more per tap for 15x15 to 21x21 kernels than for 13x13 ones.
     """
     if op == "weight_grad":
         return "as_forward"
