@@ -159,7 +159,7 @@ def empirical(filters):
         )
     if filters.shape[0] < 2:
         raise ValueError(
-            f"filters holds {filters.shape[0]} filter(s); an unbiased covariance needs at least 2"
+            f"filters contains {filters.shape[0]} filter(s), but an unbiased covariance needs at least 2; pass more filters"
         )
     samples = filters.detach().reshape(filters.shape[0], -1).to(torch.float64)
     if not torch.isfinite(samples).all():

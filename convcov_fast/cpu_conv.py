@@ -566,8 +566,8 @@ def _run(op, args, tensors, kernel_size, padding4, memory_format):
 
 # float16 and bfloat16 are computed in float32 and rounded once at the end. On torch 2.13 (x86),
 # oneDNN's bfloat16 depthwise convolution in channels_last did not finish within 400 s for some
-# kernels of 15 and more taps per side, and the float16 backward-data kernel overflowed partial
-# sums to inf, while float32 was fast and exact to the final rounding.
+# kernels of 15 and more taps per side. The float16 backward-data kernel overflowed partial sums
+# to inf. float32 was fast and exact to the final rounding.
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 

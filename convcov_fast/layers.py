@@ -14,7 +14,7 @@ class FrozenCovDepthwiseConv2d(nn.Module):
 
     The filters live in the persistent buffer ``weight`` of shape (C, 1, kh, kw): they are saved in
     ``state_dict`` and move with ``.to()``, but they are not in ``parameters()``, so no optimizer
-    sees them and backward computes only the input and bias gradients. The bias is trainable and
+    updates them and backward computes only the input and bias gradients. The bias is trainable and
     initialized as ``nn.Conv2d`` initializes it.
 
     Args:

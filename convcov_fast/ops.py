@@ -299,9 +299,9 @@ def depthwise_conv2d(
         x: (N, C, H, W) input, NCHW or channels_last; float32, float16, bfloat16 or float64.
         weight: (C, 1, kh, kw) filters of the same dtype. Square or rectangular, odd or even.
         bias: optional (C,) bias.
-        padding: "same" (the output has the input's size; on even kernels the extra row and column
-            are padded at the bottom and right, as ``nn.Conv2d`` does), "valid", an int, or an
-            (int, int) pair for height and width.
+        padding: "same", "valid", an int, or an (int, int) pair for height and width. "same" keeps
+            the input's size. On even kernels it pads the extra row and column at the bottom and
+            right, as ``nn.Conv2d`` does.
         activation: None, "gelu" (exact) or "gelu_tanh", applied after the bias. The Triton path
             fuses it into the convolution kernels, forward and backward.
         stride, dilation: must be 1.
