@@ -111,6 +111,40 @@ def covariance_stack(cov, name="cov"):
     Checks the shape, finiteness and symmetry. Definiteness is checked by the factorization, which
     can do it cheaply: a successful Cholesky proves it.
     """
+    stack = _float64_stack(cov, name)
+    if not torch.isfinite(stack).all():
+        raise ValueError(f"{name} contains NaN or Inf; a covariance must be finite")
+    scale, asymmetry = _asymmetry(stack)
+    bad = asymmetry > SYMMETRY_RTOL * scale
+    if bad.any():
+        index = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"{name}[{index}] is not symmetric: max|S - S^T| = {float(asymmetry[index]):.3g} "
+            f"against max|S| = {float(scale[index]):.3g}; a covariance must equal its transpose "
+            "(symmetrize it with (S + S.mT) / 2 if the asymmetry is rounding)"
+        )
+    return 0.5 * (stack + stack.transpose(-1, -2))
+
+
+def covariance_stack_deferred(cov, name="cov"):
+    """Like ``covariance_stack``, but return the value checks as flags instead of raising.
+
+    Only the shape and dtype are checked here, from metadata, so nothing waits for the device.
+
+    Returns:
+        (stack, invalid): the symmetric float64 (B, d, d) stack, and a (B,) bool tensor on its
+        device, True for a matrix that is not finite or not symmetric. When any flag is set, call
+        ``covariance_stack(cov)`` to raise the error that describes it.
+    """
+    stack = _float64_stack(cov, name)
+    scale, asymmetry = _asymmetry(stack)
+    # A NaN fails both comparisons, so the finiteness test is separate.
+    invalid = ~torch.isfinite(stack).all(dim=-1).all(dim=-1) | (asymmetry > SYMMETRY_RTOL * scale)
+    return 0.5 * (stack + stack.transpose(-1, -2)), invalid
+
+
+def _float64_stack(cov, name):
+    """Check the type, shape and dtype of a covariance and return it as a float64 (B, d, d) stack."""
     if not isinstance(cov, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(cov).__name__}")
     if cov.dim() not in (2, 3) or cov.shape[-1] != cov.shape[-2]:
@@ -122,21 +156,14 @@ def covariance_stack(cov, name="cov"):
     if cov.shape[-1] == 0:
         raise ValueError(f"{name} must have d >= 1, got shape {tuple(cov.shape)}")
     stack = cov.detach().to(torch.float64)
-    if stack.dim() == 2:
-        stack = stack.unsqueeze(0)
-    if not torch.isfinite(stack).all():
-        raise ValueError(f"{name} contains NaN or Inf; a covariance must be finite")
+    return stack.unsqueeze(0) if stack.dim() == 2 else stack
+
+
+def _asymmetry(stack):
+    """Return (max|S|, max|S - S^T|) of each matrix of a (B, d, d) stack."""
     scale = stack.abs().amax(dim=(-2, -1))
     asymmetry = (stack - stack.transpose(-1, -2)).abs().amax(dim=(-2, -1))
-    bad = asymmetry > SYMMETRY_RTOL * scale
-    if bad.any():
-        index = int(bad.nonzero()[0, 0])
-        raise ValueError(
-            f"{name}[{index}] is not symmetric: max|S - S^T| = {float(asymmetry[index]):.3g} "
-            f"against max|S| = {float(scale[index]):.3g}; a covariance must equal its transpose "
-            "(symmetrize it with (S + S.mT) / 2 if the asymmetry is rounding)"
-        )
-    return 0.5 * (stack + stack.transpose(-1, -2))
+    return scale, asymmetry
 
 
 def depthwise_weight(weight, name="weight"):

@@ -31,7 +31,25 @@ def factorize(cov):
     Raises:
         ValueError: a matrix is not square, not finite, not symmetric, or clearly indefinite.
     """
-    return factorize_stack(_checks.covariance_stack(cov))
+    if not isinstance(cov, torch.Tensor) or cov.device.type == "cpu":
+        return factorize_stack(_checks.covariance_stack(cov))
+    return factorize_deferred(cov)
+
+
+def factorize_deferred(cov):
+    """``factorize`` for devices where every check of a flag waits for the device, such as CUDA.
+
+    The value checks and the Cholesky failures become one flag, so the common case waits once.
+    Identical matrices are not merged, since finding them would wait too.
+    """
+    stack, invalid = _checks.covariance_stack_deferred(cov)
+    factors, info = torch.linalg.cholesky_ex(stack)
+    # The one wait for the device in the common case: a single flag, set when any matrix is not
+    # finite, not symmetric or not factored. Raising an error needs the host, so no fewer.
+    if not bool((invalid | (info != 0)).any()):
+        return factors
+    _checks.covariance_stack(cov)  # raises for a matrix that is not finite or not symmetric
+    return repair_failed(stack, factors, info)
 
 
 def factorize_stack(stack, indices=None):
@@ -51,13 +69,15 @@ def factorize_stack(stack, indices=None):
             factors = factorize_stack(distinct.reshape(-1, *stack.shape[1:]), first.tolist())
             return factors[inverse]
     factors, info = torch.linalg.cholesky_ex(stack)
-    # NOTE: on CUDA this check waits for the device to copy one flag to the host, and so do the
-    # finiteness and symmetry checks of the validation before it.
-    failed = info != 0
-    if not bool(failed.any()):
+    if not bool((info != 0).any()):
         return factors
+    return repair_failed(stack, factors, info, indices)
+
+
+def repair_failed(stack, factors, info, indices=None):
+    """Return ``factors`` with each matrix whose Cholesky failed (``info != 0``) factored again."""
     factors = factors.clone()
-    for index in failed.nonzero().flatten().tolist():
+    for index in (info != 0).nonzero().flatten().tolist():
         label = index if indices is None else indices[index]
         factors[index] = factorize_failing(stack[index], label)
     return factors
@@ -85,10 +105,15 @@ def factorize_failing(matrix, index):
 
 
 def seed_from(generator, device):
-    """Draw a 31-bit kernel seed from ``generator`` or, without one, from torch's default generator."""
+    """Draw a 31-bit kernel seed from ``generator`` or, without one, from torch's default generator.
+
+    Returns an int on the CPU, and on other devices a one-element int64 tensor that the kernel
+    reads, so that drawing the seed does not wait for the device.
+    """
     if generator is not None:
         device = generator.device
-    return int(torch.randint(0, 2**31 - 1, (), generator=generator, device=device))
+    seed = torch.randint(0, 2**31 - 1, (1,), generator=generator, device=device)
+    return int(seed) if seed.device.type == "cpu" else seed
 
 
 def triton_available(device):
@@ -172,12 +197,11 @@ def sample(cov, n, *, generator=None, kernel_size=None, dtype=torch.float32, bac
         >>> filters.shape
         torch.Size([96, 7, 7])
     """
-    stack = _checks.covariance_stack(cov)
-    kh, kw = _checks.kernel_size_from_dim(stack.shape[-1], kernel_size)
+    factors = factorize(cov)
+    kh, kw = _checks.kernel_size_from_dim(factors.shape[-1], kernel_size)
     n = _checks.non_negative_int(n, "n")
-    factors = factorize_stack(stack)
     samples = sample_from_factors(factors, n, generator=generator, dtype=dtype, backend=backend)
-    samples = samples.reshape(stack.shape[0], n, kh, kw)
+    samples = samples.reshape(factors.shape[0], n, kh, kw)
     return samples[0] if cov.dim() == 2 else samples
 
 
@@ -212,9 +236,9 @@ def init_(weight, cov, *, generator=None, backend="auto"):
     device = generator.device if generator is not None else weight.device
     if isinstance(cov, torch.Tensor):
         cov = cov.to(device)
-    stack = _checks.covariance_stack(cov)
-    _checks.kernel_size_from_dim(stack.shape[-1], (kh, kw))
-    return fill_from_factors(weight, factorize_stack(stack), generator=generator, backend=backend)
+    factors = factorize(cov)
+    _checks.kernel_size_from_dim(factors.shape[-1], (kh, kw))
+    return fill_from_factors(weight, factors, generator=generator, backend=backend)
 
 
 def fill_from_factors(weight, factors, *, generator=None, backend="auto"):

@@ -58,6 +58,14 @@ def _noise_offsets(rows, cols, d):
     return rows[:, None] * d + cols[None, :]
 
 
+@triton.jit
+def _load_seed(seed, SEED_IN_MEMORY: tl.constexpr):
+    """Return the Philox seed: ``seed`` itself, or the int64 it points to."""
+    if SEED_IN_MEMORY:
+        return tl.load(seed)
+    return seed
+
+
 @triton.jit(do_not_specialize=["seed"])
 def _sample_kernel(
     factors_ptr,
@@ -69,6 +77,7 @@ def _sample_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_K: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    SEED_IN_MEMORY: tl.constexpr,
 ):
     """Write one (BLOCK_N, BLOCK_D) tile of ``out[b] = z[b] @ L_b^T`` with z drawn in-register.
 
@@ -76,6 +85,7 @@ def _sample_kernel(
         factors_ptr: (B, d, d) float32, contiguous (row-major), loaded as float32.
         out_ptr: (B, n, d) contiguous, float32, float64, float16 or bfloat16. The float32
             accumulator is cast to it once, at the store.
+        seed: the Philox seed, or with SEED_IN_MEMORY a pointer to it (one int64).
 
     Grid:
         axis 0: blocks of BLOCK_N filters j of one factor, cdiv(n, BLOCK_N) programs.
@@ -96,6 +106,7 @@ def _sample_kernel(
     r = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     rows = _flat_rows(b, j, n)
     factor_ptr = factors_ptr + b.to(tl.int64) * d * d
+    seed = _load_seed(seed, SEED_IN_MEMORY)
 
     acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     for k0 in range(0, d, BLOCK_K):
@@ -117,7 +128,8 @@ def _sample_kernel(
 
 
 @triton.jit(do_not_specialize=["seed"])
-def _standard_normal_kernel(out_ptr, seed, numel, BLOCK: tl.constexpr):
+def _standard_normal_kernel(out_ptr, seed, numel, BLOCK: tl.constexpr,
+                            SEED_IN_MEMORY: tl.constexpr):
     """Write the noise of ``_sample_kernel``: ``out.flatten()[i] = randn(seed, i)``.
 
     Pointers:
@@ -128,7 +140,8 @@ def _standard_normal_kernel(out_ptr, seed, numel, BLOCK: tl.constexpr):
         axis 0: blocks of BLOCK flat elements, cdiv(B * n * d, BLOCK) programs.
     """
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(out_ptr + offsets, tl.randn(seed, offsets), mask=offsets < numel)
+    noise = tl.randn(_load_seed(seed, SEED_IN_MEMORY), offsets)
+    tl.store(out_ptr + offsets, noise, mask=offsets < numel)
 
 
 def _gpu_configs():
@@ -209,6 +222,26 @@ def _check_int(value, name, minimum, maximum=None):
         bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
         raise ValueError(f"{name} must be {bound}, got {value}")
     return int(value)
+
+
+def _check_seed(seed, device):
+    """Return (seed, in_memory) for an int seed or a one-element int64 tensor on ``device``.
+
+    A tensor seed stays on the device and the kernel loads it, so that a seed drawn there, for
+    example from a CUDA ``torch.Generator``, needs no copy to the host.
+    """
+    if not isinstance(seed, torch.Tensor):
+        return _check_int(seed, "seed", 0, MAX_SEED), False
+    if seed.dtype != torch.int64 or seed.numel() != 1:
+        raise TypeError(
+            f"a tensor seed must hold one int64, got dtype {seed.dtype} and shape "
+            f"{tuple(seed.shape)}; pass torch.randint(0, 2**31 - 1, (1,), device=...)"
+        )
+    if seed.device != device:
+        raise ValueError(f"seed is on {seed.device} but the output is on {device}; use one device")
+    # Its value is not range-checked, since reading it would wait for the device. Philox takes
+    # its 64 bits as they are, so every value gives a valid stream.
+    return seed.reshape(1).contiguous(), True
 
 
 def _check_block(value, name):
@@ -293,7 +326,8 @@ def sample_from_factors(
         factors: (B, d, d) float32 contiguous factors L, on a CUDA device (or on the CPU under
             TRITON_INTERPRET=1). Samples have covariance L @ L.T.
         n: filters per factor, >= 0.
-        seed: Philox seed, an int in [0, 2**63 - 1].
+        seed: Philox seed, an int in [0, 2**63 - 1], or a one-element int64 tensor on the
+            device of ``factors`` that holds it (read by the kernel, never copied to the host).
         out: optional contiguous (B, n, d) buffer of dtype ``dtype`` to write into.
         dtype: output dtype, one of float32, float64, float16, bfloat16. The product is computed
             in float32 whatever the output dtype.
@@ -312,7 +346,7 @@ def sample_from_factors(
     """
     _check_factors(factors)
     n = _check_int(n, "n", 0)
-    seed = _check_int(seed, "seed", 0, MAX_SEED)
+    seed, seed_in_memory = _check_seed(seed, factors.device)
     if dtype not in OUTPUT_DTYPES:
         raise TypeError(f"dtype must be one of {OUTPUT_DTYPES}, got {dtype!r}")
     if input_precision not in INPUT_PRECISIONS:
@@ -338,7 +372,8 @@ def sample_from_factors(
             batch,
         )
         _sample_kernel_autotuned[grid](
-            factors, out, seed, n, d, INPUT_PRECISION=input_precision
+            factors, out, seed, n, d, INPUT_PRECISION=input_precision,
+            SEED_IN_MEMORY=seed_in_memory,
         )
         return out
 
@@ -357,6 +392,7 @@ def sample_from_factors(
         BLOCK_D=block_d,
         BLOCK_K=block_k,
         INPUT_PRECISION=input_precision,
+        SEED_IN_MEMORY=seed_in_memory,
     )
     return out
 
@@ -365,18 +401,20 @@ def standard_normals(B, n, d, seed, *, device):
     """Return the (B, n, d) float32 standard normals z that ``sample_from_factors`` draws.
 
     For the same seed, ``sample_from_factors(L, n, seed)[b, j]`` equals ``L[b] @ z[b, j]`` up to
-    float32 rounding. This materializes z, so it is meant for tests and small sizes.
+    float32 rounding. ``seed`` is an int or a one-element int64 tensor, as there. This
+    materializes z, so it is meant for tests and small sizes.
     """
     B = _check_int(B, "B", 0)
     n = _check_int(n, "n", 0)
     d = _check_int(d, "d", 1)
-    seed = _check_int(seed, "seed", 0, MAX_SEED)
     device = torch.device(device)
     _check_device(device, "device")
+    seed, seed_in_memory = _check_seed(seed, device)
     out = torch.empty(B, n, d, dtype=torch.float32, device=device)
     numel = out.numel()
     if numel == 0:
         return out
     grid = (triton.cdiv(numel, NORMALS_BLOCK),)
-    _standard_normal_kernel[grid](out, seed, numel, BLOCK=NORMALS_BLOCK)
+    _standard_normal_kernel[grid](out, seed, numel, BLOCK=NORMALS_BLOCK,
+                                  SEED_IN_MEMORY=seed_in_memory)
     return out

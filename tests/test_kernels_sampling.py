@@ -156,6 +156,36 @@ def test_standard_normals_same_seed_same_values():
     assert float((first != other).double().mean()) > 0.99
 
 
+@pytest.mark.parametrize("seed", [5, 2**40 + 3])
+def test_tensor_seed_equals_int_seed(seed):
+    # 2**40 + 3 sets bits above 32, which an int32 load of the seed would lose.
+    factors = float32_factors(spd_factors(2, 9, seed=6))
+    seed_tensor = torch.tensor([seed], dtype=torch.int64, device=DEVICE)
+
+    from_int = sampling_kernels.sample_from_factors(factors, 40, seed)
+    from_tensor = sampling_kernels.sample_from_factors(factors, 40, seed_tensor)
+    normals_int = sampling_kernels.standard_normals(2, 40, 9, seed, device=DEVICE)
+    normals_tensor = sampling_kernels.standard_normals(2, 40, 9, seed_tensor, device=DEVICE)
+
+    assert torch.equal(from_int, from_tensor)
+    assert torch.equal(normals_int, normals_tensor)
+    other = sampling_kernels.standard_normals(2, 40, 9, seed + 1, device=DEVICE)
+    assert float((normals_tensor != other).double().mean()) > 0.99
+
+
+def test_invalid_tensor_seed_raises():
+    factors = float32_factors(spd_factors(1, 9, seed=0))
+    cases = [
+        (TypeError, "one int64", torch.tensor([3], dtype=torch.int32, device=DEVICE)),
+        (TypeError, "one int64", torch.tensor([1.0], device=DEVICE)),
+        (TypeError, "one int64", torch.tensor([1, 2], device=DEVICE)),
+        (ValueError, "use one device", torch.tensor([1], device="meta")),
+    ]
+    for error, message, seed in cases:
+        with pytest.raises(error, match=message):
+            sampling_kernels.sample_from_factors(factors, 4, seed)
+
+
 @pytest.mark.parametrize("d", [15, 25])
 def test_block_sizes_do_not_change_samples(d):
     n = 70

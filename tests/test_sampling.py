@@ -5,7 +5,7 @@ import re
 import pytest
 import torch
 
-from convcov_fast import covariance, factorize, init_, sample
+from convcov_fast import covariance, factorize, init_, sample, sampling
 from tolerances import SAMPLE_Z_BOUND
 
 
@@ -233,6 +233,37 @@ def test_factorize_indefinite_raises():
     message = "most negative eigenvalue is -0.5 against a largest eigenvalue of 2"
     with pytest.raises(ValueError, match=re.escape(message)):
         factorize(cov)
+
+
+# factorize_deferred: the path of devices where each check waits, run here on CPU tensors
+
+
+def test_factorize_deferred_matches_factorize():
+    singular = rank_deficient(9, seed=5)
+    bank = torch.stack([covariance.gaussian(3, 0.7), singular, covariance.gaussian(3, 0.7)])
+    deferred = sampling.factorize_deferred(bank)
+    direct = factorize(bank)
+    torch.testing.assert_close(deferred, direct, atol=1e-12, rtol=0)
+    torch.testing.assert_close(deferred[1] @ deferred[1].T, singular, atol=1e-8, rtol=0)
+    assert torch.equal(deferred[0], torch.linalg.cholesky(bank[0]))
+
+
+@pytest.mark.parametrize("problem", ["nan", "inf", "asymmetric", "indefinite"])
+def test_factorize_deferred_raises_like_factorize(problem):
+    bank = torch.stack([covariance.gaussian(2, 1.0)] * 3)
+    if problem == "nan":
+        bank[2, 0, 0] = float("nan")
+    elif problem == "inf":
+        bank[1, 3, 3] = float("inf")
+    elif problem == "asymmetric":
+        bank[1, 0, 1] += 0.5
+    else:
+        bank[2] = with_eigenvalues([2.0, 1.0, 1.0, -0.5])
+    with pytest.raises(ValueError) as direct:
+        factorize(bank)
+    with pytest.raises(ValueError) as deferred:
+        sampling.factorize_deferred(bank)
+    assert str(deferred.value) == str(direct.value)
 
 
 # init_
