@@ -1,0 +1,57 @@
+"""Tests of how the sampling benchmark plans its runs: memory and time limits."""
+
+import torch
+
+from convcov_fast import bench_sampling
+
+CPU = torch.device("cpu")
+GB = 1e9
+
+
+def budget(monkeypatch, gigabytes):
+    monkeypatch.setattr(bench_sampling, "memory_budget", lambda device: gigabytes * GB)
+
+
+def test_bank_of_multivariate_normals_is_skipped_for_its_broadcast(monkeypatch):
+    # 32 x 1e5 filters of 81 values are a 1.04 GB output, which fits 12 GB four times over, but
+    # MultivariateNormal materializes an (n, B, d, d) product of 84 GB.
+    budget(monkeypatch, 12)
+    case = (32, 100_000, 81)
+    repeats, _, note = bench_sampling.plan_repeats(
+        bench_sampling.MULTIVARIATE_NORMAL, CPU, *case, 5, None
+    )
+    assert repeats == 0
+    assert "skipped: needs about 88.1 GB" in note
+    for name in (bench_sampling.OURS_TORCH, bench_sampling.CHOLESKY_RANDN, bench_sampling.NUMPY):
+        repeats, _, note = bench_sampling.plan_repeats(name, CPU, *case, 5, None)
+        assert (repeats, note) == (5, "")
+
+
+def test_single_multivariate_normal_uses_the_plain_factor(monkeypatch):
+    budget(monkeypatch, 12)
+    output = 1_000_000 * 961 * 4
+    assert bench_sampling.memory_needed(bench_sampling.MULTIVARIATE_NORMAL, 1, 1_000_000, 961) == (
+        bench_sampling.MEMORY_FACTOR * output
+    )
+    repeats, _, note = bench_sampling.plan_repeats(
+        bench_sampling.MULTIVARIATE_NORMAL, CPU, 1, 1_000_000, 961, 5, None
+    )
+    assert repeats == 0
+    assert "15.4 GB" in note
+    repeats, _, _ = bench_sampling.plan_repeats(
+        bench_sampling.MULTIVARIATE_NORMAL, CPU, 1, 100_000, 961, 5, None
+    )
+    assert repeats == 5
+
+
+def test_predicted_time_limits_repeats(monkeypatch):
+    budget(monkeypatch, 12)
+    name = bench_sampling.OURS_TORCH
+    work = bench_sampling.work(1, 1000, 81)
+    # 30 s a run: 4 repeats fit the 120 s a case may take.
+    repeats, _, note = bench_sampling.plan_repeats(name, CPU, 1, 1000, 81, 5, 30.0 / work)
+    assert repeats == 4
+    assert "time limit" in note
+    repeats, _, note = bench_sampling.plan_repeats(name, CPU, 1, 1000, 81, 5, 61.0 / work)
+    assert repeats == 0
+    assert "predicted to take 61 s" in note
