@@ -1,4 +1,4 @@
-"""Check the Triton depthwise kernels on one GPU, then time them against torch.nn.Conv2d.
+"""Check the Triton depthwise and sampling kernels on one GPU, and time them against torch.
 
     python benchmarks/gpu_check.py [--json PATH] [--dtypes float32,bfloat16] [--budget-s 420]
     python benchmarks/gpu_check.py --dry-run
@@ -8,7 +8,8 @@ and three dtypes, compared with the float64 reference (F.conv2d with groups=C). 
 times, with triton.testing.do_bench (median, L2 flushed before each run), the forward pass and the
 forward plus backward pass on ConvNeXt-T, ConvMixer-1536/20, RepLKNet-31B, 51 x 5 and 5 x 51
 layers, and batch-1 inference. Each timed result is also checked against float32 torch on the
-same inputs.
+same inputs. Between the two, ``gpu_sampling.run_sampling`` checks and times the filter sampler
+(see that module).
 
 Every timing is set against a roofline. The memory bound is the minimal traffic (each tensor read
 or written once) divided by the measured device copy bandwidth. The FMA bound is 2 * N * C *
@@ -46,6 +47,8 @@ from convcov_fast.kernels import depthwise  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from tolerances import tolerance  # noqa: E402
+
+import gpu_sampling  # noqa: E402
 
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -539,8 +542,12 @@ def main(argv=None):
     torch.backends.cuda.matmul.allow_tf32 = False
 
     report = Report()
-    # The correctness matrix gets 40 % of the budget and the benchmark table the rest.
-    run_correctness(report, device, args.dry_run, start + 0.4 * args.budget_s)
+    # The correctness matrix gets 35 % of the budget, the sampler 15 % and the convolution
+    # benchmark table the rest.
+    run_correctness(report, device, args.dry_run, start + 0.35 * args.budget_s)
+    sampling_results = gpu_sampling.run_sampling(
+        report, device, make_timer(device), args.dry_run, start + 0.5 * args.budget_s
+    )
     bandwidth_gbps, fma_tflops = run_benchmarks(
         report, device, args.dtypes.split(","), args.dry_run, start + args.budget_s
     )
@@ -554,6 +561,7 @@ def main(argv=None):
         "triton": triton.__version__,
         "copy_bandwidth_gbps": bandwidth_gbps,
         "fma_chain_tflops": fma_tflops,
+        "sampling": sampling_results,
         "wall_s": time.monotonic() - start,
         "checks_passed": len(report.checks) - len(failures),
         "checks_failed": len(failures),
