@@ -8,8 +8,9 @@ and three dtypes, compared with the float64 reference (F.conv2d with groups=C). 
 times, with triton.testing.do_bench (median, L2 flushed before each run), the forward pass and the
 forward plus backward pass on ConvNeXt-T, ConvMixer-1536/20, RepLKNet-31B, 51 x 5 and 5 x 51
 layers, and batch-1 inference. Each timed result is also checked against float32 torch on the
-same inputs. Between the two, ``gpu_sampling.run_sampling`` checks and times the filter sampler
-(see that module).
+same inputs. Both phases cover the Toeplitz (``tl.dot``) formulation beside the FMA one, the
+timings on the rows with a filter side of 13 or more. Between the two, ``gpu_sampling.run_sampling``
+checks and times the filter sampler (see that module).
 
 Every timing is set against a roofline. The memory bound is the minimal traffic (each tensor read
 or written once) divided by the measured device copy bandwidth. The FMA bound is 2 * N * C *
@@ -80,6 +81,8 @@ DRY_RUN_ROWS = [
 
 # Images of the batch whose outputs a timed row checks against float32 torch.
 CHECKED_IMAGES = 2
+# Timed rows whose filters have a side this long also time the Toeplitz formulation.
+TOEPLITZ_MIN_SIDE = 13
 
 
 def parse_args(argv=None):
@@ -183,8 +186,13 @@ def nan_tensor(shape, dtype, device, memory_format):
     return torch.full(shape, float("nan"), dtype=dtype, device=device).contiguous(memory_format=memory_format)
 
 
-def check_kernels(report, case, shape, kernel_size, padding4, dtype, memory_format, activation, device):
-    """Run all four kernels on fresh inputs and compare each with the float64 reference."""
+def check_kernels(
+    report, case, shape, kernel_size, padding4, dtype, memory_format, activation, device, formulation="fma"
+):
+    """Run all four kernels on fresh inputs and compare each with the float64 reference.
+
+    ``formulation`` applies to the forward and input gradient kernels.
+    """
     channels = shape[1]
     out_shape = output_shape(shape, kernel_size, padding4)
     x = random_tensor(shape, dtype, device, memory_format)
@@ -199,7 +207,12 @@ def check_kernels(report, case, shape, kernel_size, padding4, dtype, memory_form
     if activation is None:
         preactivation = None
         y = depthwise.depthwise_forward(
-            x, weight, bias, padding4, out=nan_tensor(out_shape, dtype, device, memory_format)
+            x,
+            weight,
+            bias,
+            padding4,
+            out=nan_tensor(out_shape, dtype, device, memory_format),
+            formulation=formulation,
         )
         report.check(case, "forward", y, expected_pre, dtype, taps)
         grad_pre = grad64
@@ -213,6 +226,7 @@ def check_kernels(report, case, shape, kernel_size, padding4, dtype, memory_form
             save_preactivation=True,
             out=nan_tensor(out_shape, dtype, device, memory_format),
             preactivation_out=nan_tensor(out_shape, dtype, device, memory_format),
+            formulation=formulation,
         )
         approximate = "tanh" if activation == "gelu_tanh" else "none"
         report.check(case, "preactivation", preactivation, expected_pre, dtype, taps)
@@ -232,6 +246,7 @@ def check_kernels(report, case, shape, kernel_size, padding4, dtype, memory_form
         shape[-2:],
         **saved,
         out=nan_tensor(shape, dtype, device, memory_format),
+        formulation=formulation,
     )
     expected_grad_x = reference.depthwise_conv2d_input_grad(grad_pre, weight64, padding4, shape[-2:])
     report.check(case, "input gradient", grad_x, expected_grad_x, dtype, taps)
@@ -247,18 +262,23 @@ def check_kernels(report, case, shape, kernel_size, padding4, dtype, memory_form
 
 
 def correctness_cases(dry_run):
-    """Return (case name, shape, kernel size, padding4, dtype name, layout, activation) tuples."""
+    """Return (case name, shape, kernel size, padding4, dtype name, layout, activation,
+    formulation) tuples."""
     cases = []
 
-    def add(shape, kernel_size, padding4, dtype, layout, activation=None, label="same"):
+    def add(shape, kernel_size, padding4, dtype, layout, activation=None, label="same", formulation="fma"):
         kh, kw = kernel_size
-        name = f"{kh}x{kw} {'x'.join(map(str, shape))} {label} {dtype} {layout} {activation or 'linear'}"
-        cases.append((name, shape, kernel_size, padding4, dtype, layout, activation))
+        name = (
+            f"{kh}x{kw} {'x'.join(map(str, shape))} {label} {dtype} {layout} {activation or 'linear'}"
+            f" {formulation}"
+        )
+        cases.append((name, shape, kernel_size, padding4, dtype, layout, activation, formulation))
 
     shapes = [DRY_RUN_SHAPE] if dry_run else GPU_SHAPES
     classes = [(3, 3), (4, 4), (3, 5), (13, 13)] if dry_run else KERNEL_CLASSES
     sixteen_bit_classes = [(3, 3)] if dry_run else [(3, 3), (4, 4), (7, 7), (31, 31)]
     activation_class = (3, 3) if dry_run else (7, 7)
+    toeplitz_classes = [(3, 5)] if dry_run else [(4, 4), (13, 13), (31, 31), (51, 5), (5, 51)]
     for layout in LAYOUTS:
         for kernel_size in classes:
             for shape in shapes:
@@ -271,17 +291,33 @@ def correctness_cases(dry_run):
         for activation in ("gelu", "gelu_tanh"):
             for dtype in ("float32", "bfloat16"):
                 add(shapes[0], activation_class, same_padding(activation_class), dtype, layout, activation)
+        for kernel_size in toeplitz_classes:
+            for dtype in DTYPES:
+                add(shapes[0], kernel_size, same_padding(kernel_size), dtype, layout, formulation="toeplitz")
+            for shape in shapes[1:]:
+                add(shape, kernel_size, same_padding(kernel_size), "float32", layout, formulation="toeplitz")
+        add(shapes[0], activation_class, same_padding(activation_class), "bfloat16", layout, "gelu",
+            formulation="toeplitz")
     return cases
 
 
 def run_correctness(report, device, dry_run, deadline):
     depthwise.set_autotune(False)
-    for name, shape, kernel_size, padding4, dtype, layout, activation in correctness_cases(dry_run):
+    for name, shape, kernel_size, padding4, dtype, layout, activation, formulation in correctness_cases(dry_run):
         if time.monotonic() > deadline:
             report.skip(f"check {name}")
             continue
         check_kernels(
-            report, name, shape, kernel_size, padding4, DTYPES[dtype], LAYOUTS[layout], activation, device
+            report,
+            name,
+            shape,
+            kernel_size,
+            padding4,
+            DTYPES[dtype],
+            LAYOUTS[layout],
+            activation,
+            device,
+            formulation,
         )
     depthwise.set_autotune(True)
     print(f"correctness: {len(report.checks)} results, {len(report.failures())} failed", flush=True)
@@ -404,8 +440,31 @@ def check_timed_row(report, case, x, weight, bias, grad_output, results, padding
     )
 
 
-def time_row(report, row, dtype_name, layout, device, measure, bandwidth_gbps, fma_tflops):
-    """Time one benchmark row in one dtype and layout against nn.Conv2d, and check its results."""
+def toeplitz_rows(dry_run):
+    """Return ``times_toeplitz(layout, kernel_size)``: whether a row also times the Toeplitz kernel.
+
+    On a GPU only NCHW rows with a filter side of at least TOEPLITZ_MIN_SIDE do: each timing
+    autotunes, which costs compilations, and only wide filters can repay the products that the
+    band wastes. The dry run times it on every row, so that the code path runs.
+    """
+    if dry_run:
+        return lambda layout, kernel_size: True
+
+    def times_toeplitz(layout, kernel_size):
+        return (
+            layout == "nchw"
+            and max(kernel_size) >= TOEPLITZ_MIN_SIDE
+            and kernel_size[1] <= depthwise.TOEPLITZ_MAX_KW
+        )
+
+    return times_toeplitz
+
+
+def time_row(report, row, dtype_name, layout, device, measure, bandwidth_gbps, fma_tflops, times_toeplitz):
+    """Time one benchmark row in one dtype and layout against nn.Conv2d, and check its results.
+
+    When ``times_toeplitz(layout, kernel_size)`` holds, the Toeplitz formulation is timed too.
+    """
     name, batch, channels, height, width, kernel_size, with_backward = row
     dtype, memory_format = DTYPES[dtype_name], LAYOUTS[layout]
     case = f"{name} {dtype_name} {layout}"
@@ -433,6 +492,16 @@ def time_row(report, row, dtype_name, layout, device, measure, bandwidth_gbps, f
         triton_input_backward()
         results["grad_weight"] = depthwise.depthwise_weight_grad(x, grad_output, kernel_size, padding4)
 
+    def toeplitz_forward():
+        results["toeplitz_y"] = depthwise.depthwise_forward(x, weight, bias, padding4, formulation="toeplitz")
+
+    def toeplitz_input_backward():
+        toeplitz_forward()
+        results["toeplitz_grad_x"] = depthwise.depthwise_input_grad(
+            grad_output, weight, padding4, x.shape[-2:], formulation="toeplitz"
+        )
+        depthwise.depthwise_bias_grad(grad_output)
+
     x_leaf = x.detach().requires_grad_(True)
 
     def torch_forward():
@@ -445,6 +514,11 @@ def time_row(report, row, dtype_name, layout, device, measure, bandwidth_gbps, f
     # (mode, Triton function, torch function, weight requires grad, bytes, flops). The bytes are
     # the minimal traffic: forward reads x and writes y, the input backward reads the output
     # gradient and writes the input gradient, the weight gradient reads x and the output gradient.
+    # The Toeplitz formulation is timed beside the FMA one for the modes without a weight gradient,
+    # on the rows that ``toeplitz_rows`` picks.
+    toeplitz = {"forward": toeplitz_forward, "forward_input_backward": toeplitz_input_backward}
+    if not times_toeplitz(layout, kernel_size):
+        toeplitz = {}
     modes = [("forward", triton_forward, torch_forward, False, 2 * activation_bytes, conv_flops)]
     if with_backward:
         modes.append(
@@ -486,6 +560,18 @@ def time_row(report, row, dtype_name, layout, device, measure, bandwidth_gbps, f
             "flops": flops,
             **roofline(triton_ms, bytes_moved, flops, bandwidth_gbps, fma_tflops),
         }
+        if mode in toeplitz:
+            toeplitz_ms = measure(toeplitz[mode])
+            entry.update(
+                toeplitz_ms=toeplitz_ms,
+                toeplitz_speedup=torch_ms / toeplitz_ms,
+                toeplitz_vs_fma=triton_ms / toeplitz_ms,
+            )
+            print(
+                f"{case:48s} {mode:24s} toeplitz {toeplitz_ms:8.3f} ms, x{torch_ms / toeplitz_ms:5.2f} "
+                f"against torch, x{triton_ms / toeplitz_ms:5.2f} against fma",
+                flush=True,
+            )
         report.timings.append(entry)
         print(
             f"{case:48s} {mode:24s} triton {triton_ms:8.3f} ms  torch {torch_ms:8.3f} ms  "
@@ -495,6 +581,13 @@ def time_row(report, row, dtype_name, layout, device, measure, bandwidth_gbps, f
             flush=True,
         )
     check_timed_row(report, case, x, weight, bias, grad_output, results, padding4, dtype)
+    if "toeplitz_y" in results:
+        toeplitz_results = {"y": results["toeplitz_y"]}
+        if "toeplitz_grad_x" in results:
+            toeplitz_results.update(grad_x=results["toeplitz_grad_x"], grad_bias=results["grad_bias"],
+                                    grad_weight=results["grad_weight"])
+        check_timed_row(report, f"{case} toeplitz", x, weight, bias, grad_output, toeplitz_results,
+                        padding4, dtype)
 
 
 def run_benchmarks(report, device, dtype_names, dry_run, deadline):
@@ -509,7 +602,10 @@ def run_benchmarks(report, device, dtype_names, dry_run, deadline):
                 if time.monotonic() > deadline:
                     report.skip(f"timing {row[0]} {dtype_name} {layout}")
                     continue
-                time_row(report, row, dtype_name, layout, device, measure, bandwidth_gbps, fma_tflops)
+                time_row(
+                    report, row, dtype_name, layout, device, measure, bandwidth_gbps, fma_tflops,
+                    toeplitz_rows(dry_run),
+                )
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
     return bandwidth_gbps, fma_tflops

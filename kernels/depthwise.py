@@ -26,9 +26,16 @@ layout. Under the Triton
 interpreter (``TRITON_INTERPRET=1``) it uses one fixed tile per layout, because tuning there would
 run every configuration on the CPU.
 
-TODO: for kernels of 13 and more taps per side, a tensor-core formulation that expands each filter
-row into a banded (Toeplitz) matrix and feeds it to ``tl.dot`` may beat the FMA loop. It is not
-written yet.
+A second formulation, ``formulation="toeplitz"``, runs the same correlation on tensor cores for
+wide filters. For each filter row it expands the row into a banded (Toeplitz) matrix T of shape
+(BLOCK_K, BLOCK_W), T[u, w] = tap[u - w] for 0 <= u - w < kw, and multiplies the (BLOCK_H,
+BLOCK_K) window of input rows by it with ``tl.dot``, where BLOCK_K >= BLOCK_W + kw - 1 input
+columns cover the tile and its halo. The band wastes (BLOCK_K / kw) times the multiply-adds of the
+direct loop, which tensor cores can afford only for wide filters. One program covers one
+(image, channel) plane tile in either layout; channels_last loads are then strided.
+
+NOTE: ``"fma"`` stays the default for every shape until GPU timings show where the Toeplitz
+formulation is faster; ``benchmarks/gpu_check.py`` times both.
 """
 
 import inspect
@@ -86,6 +93,34 @@ _GPU_FIXED_CONFIGS = {False: _config(16, 32, 1, 4), True: _config(4, 8, 32, 4)}
 # larger images where they need to cross tile seams.
 _INTERPRETER_CONFIGS = {False: _config(16, 16, 1, 1), True: _config(16, 16, 4, 1)}
 
+FORMULATIONS = ("fma", "toeplitz")
+# The Toeplitz window holds BLOCK_W + kw - 1 input columns, padded to a power of two; wider
+# filters than this would need windows past 256 columns.
+TOEPLITZ_MAX_KW = 128
+# tl.dot precision of float32 operands in the Toeplitz formulation: three TF32 products per
+# product, which keeps about float32 accuracy on tensor cores.
+TOEPLITZ_FLOAT32_PRECISION = "tf32x3"
+
+
+def _toeplitz_config(block_h, block_w, block_k, num_warps):
+    return triton.Config({"BLOCK_H": block_h, "BLOCK_W": block_w, "BLOCK_K": block_k}, num_warps=num_warps)
+
+
+def toeplitz_window(block_w, kw):
+    """Return BLOCK_K for a tile of ``block_w`` output columns: the window with its halo."""
+    return max(16, triton.next_power_of_2(block_w + kw - 1))
+
+
+# Toeplitz tiles are (BLOCK_H, BLOCK_W) outputs of one plane, with every BLOCK_K a config may
+# need. ``prune_toeplitz_configs`` keeps, for each tile, the one BLOCK_K that fits kw.
+_TOEPLITZ_CONFIGS = [
+    _toeplitz_config(block_h, block_w, block_k, num_warps)
+    for block_h, block_w, num_warps in [(32, 32, 4), (64, 32, 4), (128, 32, 8), (32, 64, 4), (64, 64, 8)]
+    for block_k in (32, 64, 128, 256)
+    if block_k >= block_w
+]
+_TOEPLITZ_FIXED_TILES = {"gpu": (64, 32, 4), "interpreter": (16, 16, 1)}
+
 _autotune = True
 
 
@@ -130,6 +165,24 @@ def prune_configs(configs, named_args, **kwargs):
             key=lambda config: config.kwargs["BLOCK_H"] * config.kwargs["BLOCK_W"] * config.kwargs["BLOCK_C"],
         )
     ]
+
+
+def prune_toeplitz_configs(configs, named_args, **kwargs):
+    """Keep the Toeplitz configs whose BLOCK_K is ``toeplitz_window`` of their tile and kw.
+
+    Tiles larger than the output's rows or columns (as powers of two) are dropped as in
+    ``prune_configs``, and when none fits, the smallest tile is kept.
+    """
+    kw = kwargs["KW"] if "KW" in kwargs else named_args["KW"]
+    fitting = [config for config in configs
+               if config.kwargs["BLOCK_K"] == toeplitz_window(config.kwargs["BLOCK_W"], kw)]
+    limits = {"BLOCK_H": triton.next_power_of_2(named_args["H_out"]),
+              "BLOCK_W": triton.next_power_of_2(named_args["W_out"])}
+    small = [config for config in fitting
+             if all(config.kwargs[name] <= limit for name, limit in limits.items())]
+    if small:
+        return small
+    return [min(fitting, key=lambda config: config.kwargs["BLOCK_H"] * config.kwargs["BLOCK_W"])]
 
 
 @triton.jit
@@ -285,6 +338,118 @@ def _depthwise_conv_kernel(
     tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
+@triton.jit
+def _depthwise_toeplitz_kernel(
+    in_ptr,
+    pre_ptr,
+    taps_ptr,
+    bias_ptr,
+    out_ptr,
+    save_ptr,
+    N,
+    C,
+    H,
+    W,
+    H_out,
+    W_out,
+    pad_top,
+    pad_left,
+    stride_in_n,
+    stride_in_c,
+    stride_in_h,
+    stride_in_w,
+    stride_pre_n,
+    stride_pre_c,
+    stride_pre_h,
+    stride_pre_w,
+    stride_out_n,
+    stride_out_c,
+    stride_out_h,
+    stride_out_w,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    INPUT_ACT: tl.constexpr,
+    OUTPUT_ACT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SAVE_PRE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    DOT_IN_FLOAT32: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """The correlation of ``_depthwise_conv_kernel``, one ``tl.dot`` per filter row.
+
+    Arguments are those of ``_depthwise_conv_kernel``, plus:
+        INPUT_PRECISION: ``tl.dot`` precision of float32 operands ("ieee", "tf32" or "tf32x3").
+        DOT_IN_FLOAT32: multiply in float32. Otherwise 16-bit inputs multiply in their own dtype,
+            with the taps rounded to it.
+        BLOCK_K: input columns per tile, a power of two >= BLOCK_W + KW - 1 and >= 16.
+
+    For filter row i, the (BLOCK_H, BLOCK_K) window X of input rows y + i - pad_top and columns
+    x0 - pad_left + u is multiplied by T[u, w] = taps[i * KW + u - w] (zero off the band), which
+    gives sum_j taps[i * KW + j] * in[y + i - pad_top, x0 + w + j - pad_left] for each output
+    (y, x0 + w). Accumulation is float32.
+
+    Grid: axis 0 covers the N * C (image, channel) planes, axis 1 cdiv(H_out, BLOCK_H) tile rows
+    and axis 2 cdiv(W_out, BLOCK_W) tile columns.
+    """
+    pid_nc = tl.program_id(0)
+    n = pid_nc // C
+    c = pid_nc % C
+    col0 = tl.program_id(2) * BLOCK_W
+
+    rows = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    cols = col0 + tl.arange(0, BLOCK_W)
+    window = tl.arange(0, BLOCK_K)
+    in_cols = col0 - pad_left + window
+    col_ok = (in_cols >= 0) & (in_cols < W)
+    # The band of T: window column u feeds output column w through tap u - w.
+    band = window[:, None] - tl.arange(0, BLOCK_W)[None, :]
+    band_ok = (band >= 0) & (band < KW)
+
+    plane_in = in_ptr + n.to(tl.int64) * stride_in_n + c.to(tl.int64) * stride_in_c
+    plane_pre = pre_ptr + n.to(tl.int64) * stride_pre_n + c.to(tl.int64) * stride_pre_c
+    acc = tl.zeros((BLOCK_H, BLOCK_W), dtype=tl.float32)
+    for i in range(KH):
+        in_rows = rows - pad_top + i
+        mask = ((in_rows >= 0) & (in_rows < H))[:, None] & col_ok[None, :]
+        values = tl.load(
+            plane_in + in_rows[:, None] * stride_in_h + in_cols[None, :] * stride_in_w,
+            mask=mask,
+            other=0.0,
+        )
+        if INPUT_ACT != 0:
+            pre = tl.load(
+                plane_pre + in_rows[:, None] * stride_pre_h + in_cols[None, :] * stride_pre_w,
+                mask=mask,
+                other=0.0,
+            ).to(tl.float32)
+            values = (values.to(tl.float32) * _gelu_derivative(pre, INPUT_ACT)).to(values.dtype)
+        toeplitz = tl.load(taps_ptr + (i * KW + band) * C + c, mask=band_ok, other=0.0)
+        if DOT_IN_FLOAT32:
+            values = values.to(tl.float32)
+        else:
+            toeplitz = toeplitz.to(values.dtype)
+        acc = tl.dot(values, toeplitz, acc, input_precision=INPUT_PRECISION)
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + c)
+
+    out_offsets = (
+        n.to(tl.int64) * stride_out_n
+        + c.to(tl.int64) * stride_out_c
+        + rows[:, None] * stride_out_h
+        + cols[None, :] * stride_out_w
+    )
+    out_mask = (rows < H_out)[:, None] & (cols < W_out)[None, :]
+    if SAVE_PRE:
+        tl.store(save_ptr + out_offsets, acc.to(save_ptr.dtype.element_ty), mask=out_mask)
+    if OUTPUT_ACT != 0:
+        acc = _gelu(acc, OUTPUT_ACT)
+    tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
 # The batch size N is in the key because it sets the program count: batch-1 inference can prefer
 # smaller tiles than training to fill the GPU. The kernel uses N for nothing else.
 _CONV_TUNING_KEY = [
@@ -310,8 +475,8 @@ def _short_bench(kernel_call, quantiles):
     return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
 
 
-def make_tuned_conv_kernel(configs, do_bench=None):
-    """Wrap the convolution kernel in an autotuner over ``configs``, timed by ``do_bench``.
+def _autotuned(kernel, configs, key, prune, do_bench):
+    """Wrap ``kernel`` in an autotuner over ``configs``, timed by ``do_bench``.
 
     ``do_bench`` defaults to a short ``triton.testing.do_bench``. Triton releases whose autotune
     takes no ``do_bench`` get the same warm-up and measurement times as ``warmup`` and ``rep``.
@@ -320,11 +485,24 @@ def make_tuned_conv_kernel(configs, do_bench=None):
     if "do_bench" not in inspect.signature(triton.autotune).parameters:
         timing = {"warmup": 5, "rep": 20}
     return triton.autotune(
-        configs=configs,
-        key=_CONV_TUNING_KEY,
-        prune_configs_by={"early_config_prune": prune_configs},
-        **timing,
-    )(_depthwise_conv_kernel)
+        configs=configs, key=key, prune_configs_by={"early_config_prune": prune}, **timing
+    )(kernel)
+
+
+def make_tuned_conv_kernel(configs, do_bench=None):
+    """Return the FMA convolution kernel autotuned over ``configs`` (see ``_autotuned``)."""
+    return _autotuned(_depthwise_conv_kernel, configs, _CONV_TUNING_KEY, prune_configs, do_bench)
+
+
+def make_tuned_toeplitz_kernel(configs, do_bench=None):
+    """Return the Toeplitz convolution kernel autotuned over ``configs`` (see ``_autotuned``)."""
+    return _autotuned(
+        _depthwise_toeplitz_kernel,
+        configs,
+        _CONV_TUNING_KEY + ["INPUT_PRECISION"],
+        prune_toeplitz_configs,
+        do_bench,
+    )
 
 
 # One autotuner per layout. The autotuner adds the tensor dtypes to the key, and the separate
@@ -333,6 +511,7 @@ _TUNED_CONV_KERNELS = {
     False: make_tuned_conv_kernel(_NCHW_CONFIGS),
     True: make_tuned_conv_kernel(_CHANNELS_LAST_CONFIGS),
 }
+_TUNED_TOEPLITZ_KERNEL = make_tuned_toeplitz_kernel(_TOEPLITZ_CONFIGS)
 
 
 @triton.jit
@@ -557,8 +736,20 @@ def _check_out(out, name, shape, dtype, device, memory_format):
     return out
 
 
-def _launch_conv(src, pre, taps, bias, out, save, padding_top_left, kernel_size, input_act, output_act):
-    """Launch the convolution kernel with an autotuned or a fixed tile."""
+def _check_formulation(formulation, kernel_size):
+    if formulation not in FORMULATIONS:
+        raise ValueError(f"formulation must be one of {FORMULATIONS}, got {formulation!r}")
+    if formulation == "toeplitz" and kernel_size[1] > TOEPLITZ_MAX_KW:
+        raise ValueError(
+            f"formulation='toeplitz' takes kernels up to {TOEPLITZ_MAX_KW} columns wide, got "
+            f"{kernel_size[1]}; use formulation='fma'"
+        )
+
+
+def _launch_conv(
+    src, pre, taps, bias, out, save, padding_top_left, kernel_size, input_act, output_act, formulation="fma"
+):
+    """Launch the convolution kernel of ``formulation`` with an autotuned or a fixed tile."""
     batch, channels, height, width = src.shape
     out_h, out_w = out.shape[-2:]
     if out.numel() == 0:
@@ -595,6 +786,10 @@ def _launch_conv(src, pre, taps, bias, out, save, padding_top_left, kernel_size,
         SAVE_PRE=save is not None,
     )
 
+    if formulation == "toeplitz":
+        _launch_toeplitz(args, flags, src.dtype, batch * channels, out_h, out_w, kernel_size[1])
+        return
+
     def grid(meta):
         return (
             batch * triton.cdiv(channels, meta["BLOCK_C"]),
@@ -609,8 +804,41 @@ def _launch_conv(src, pre, taps, bias, out, save, padding_top_left, kernel_size,
         _depthwise_conv_kernel[grid](*args, **flags, **config.kwargs, num_warps=config.num_warps)
 
 
+def _launch_toeplitz(args, flags, dtype, planes, out_h, out_w, kw):
+    """Launch the Toeplitz kernel over ``planes`` (image, channel) planes."""
+    # The interpreter's tl.dot goes through numpy, which has no bfloat16, so there bfloat16 is
+    # multiplied in float32. Widening bfloat16 is exact, so only the summation order differs.
+    in_float32 = dtype == torch.float32 or (dtype == torch.bfloat16 and _interpreter_active())
+    flags = dict(
+        flags,
+        INPUT_PRECISION=TOEPLITZ_FLOAT32_PRECISION if in_float32 else "ieee",
+        DOT_IN_FLOAT32=in_float32,
+    )
+
+    def grid(meta):
+        return (planes, triton.cdiv(out_h, meta["BLOCK_H"]), triton.cdiv(out_w, meta["BLOCK_W"]))
+
+    if _autotune and not _interpreter_active():
+        _TUNED_TOEPLITZ_KERNEL[grid](*args, **flags)
+        return
+    block_h, block_w, num_warps = _TOEPLITZ_FIXED_TILES["interpreter" if _interpreter_active() else "gpu"]
+    _depthwise_toeplitz_kernel[grid](
+        *args, **flags, BLOCK_H=block_h, BLOCK_W=block_w, BLOCK_K=toeplitz_window(block_w, kw),
+        num_warps=num_warps,
+    )
+
+
 def depthwise_forward(
-    x, weight, bias, padding4, *, activation=None, save_preactivation=False, out=None, preactivation_out=None
+    x,
+    weight,
+    bias,
+    padding4,
+    *,
+    activation=None,
+    save_preactivation=False,
+    out=None,
+    preactivation_out=None,
+    formulation="fma",
 ):
     """Compute a stride-1 depthwise cross-correlation, optionally followed by a fused GELU.
 
@@ -625,6 +853,9 @@ def depthwise_forward(
             functions need when ``activation`` is set.
         out, preactivation_out: optional tensors to write into, with the shape, dtype and memory
             format of the result.
+        formulation: "fma" (the direct loop) or "toeplitz" (``tl.dot`` on banded filter rows,
+            float32 in 3xTF32 and 16-bit inputs with the taps rounded to their dtype; see the
+            module docstring).
 
     Returns:
         ``y`` of shape (N, C, H + top + bottom - kh + 1, W + left + right - kw + 1), or
@@ -634,6 +865,7 @@ def depthwise_forward(
     output_act = _activation_code(activation)
     batch, channels, height, width = x.shape
     kh, kw = weight.shape[-2:]
+    _check_formulation(formulation, (kh, kw))
     top, bottom, left, right = padding4
     out_h = height + top + bottom - kh + 1
     out_w = width + left + right - kw + 1
@@ -651,7 +883,7 @@ def depthwise_forward(
         save = _check_out(preactivation_out, "preactivation_out", shape, x.dtype, x.device, memory_format)
     taps = _filter_taps(weight, rotate=False)
     bias32 = bias.to(torch.float32).contiguous() if bias is not None else None
-    _launch_conv(x, None, taps, bias32, y, save, (top, left), (kh, kw), 0, output_act)
+    _launch_conv(x, None, taps, bias32, y, save, (top, left), (kh, kw), 0, output_act, formulation)
     if save_preactivation:
         return y, save
     return y
@@ -667,6 +899,7 @@ def depthwise_input_grad(
     preactivation=None,
     memory_format=None,
     out=None,
+    formulation="fma",
 ):
     """Compute the gradient of ``depthwise_forward`` with respect to its input.
 
@@ -687,6 +920,7 @@ def depthwise_input_grad(
         preactivation: (N, C, H_out, W_out), required when ``activation`` is set.
         memory_format: layout of the result, by default that of ``grad_output``.
         out: optional (N, C, H, W) tensor to write into.
+        formulation: "fma" or "toeplitz", as in ``depthwise_forward``.
 
     Returns:
         (N, C, H, W) in the dtype of ``grad_output``.
@@ -694,6 +928,7 @@ def depthwise_input_grad(
     input_act = _activation_code(activation, preactivation, needs_preactivation=True)
     batch, channels, out_h, out_w = grad_output.shape
     kh, kw = weight.shape[-2:]
+    _check_formulation(formulation, (kh, kw))
     top, bottom, left, right = padding4
     height, width = input_size
     if memory_format is None:
@@ -703,7 +938,7 @@ def depthwise_input_grad(
     taps = _filter_taps(weight, rotate=True)
     pre = preactivation if input_act != 0 else None
     mirrored = (kh - 1 - top, kw - 1 - left)
-    _launch_conv(grad_output, pre, taps, None, grad_x, None, mirrored, (kh, kw), input_act, 0)
+    _launch_conv(grad_output, pre, taps, None, grad_x, None, mirrored, (kh, kw), input_act, 0, formulation)
     return grad_x
 
 

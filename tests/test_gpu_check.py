@@ -33,6 +33,7 @@ def test_every_check_passes_and_nothing_is_skipped(dry_run_report):
     assert dry_run_report["skipped"] == []
     cases = {check["case"] for check in dry_run_report["checks"]}
     assert any(case.startswith("13x13") for case in cases)
+    assert any(case.endswith(" toeplitz") for case in cases)
     assert "sampling interpreter agreement" in cases
     assert sum(case.startswith("sampling B=") for case in cases) >= 2
 
@@ -41,6 +42,8 @@ def test_every_phase_reports_timings(dry_run_report):
     modes = {(row["row"], row["mode"]) for row in dry_run_report["timings"]}
     assert ("tiny", "forward_full_backward") in modes
     assert ("tiny_batch1", "forward") in modes
+    assert all(row["toeplitz_ms"] > 0 for row in dry_run_report["timings"]
+               if row["mode"] != "forward_full_backward")
     sampling = dry_run_report["sampling"]
     for key in ("write_bandwidth_gbps", "step_ieee_ms", "step_tf32_ms", "sample_speedup",
                 "bank_speedup"):

@@ -413,3 +413,129 @@ def test_prune_configs_fits_output():
     assert len(remaining) == len(configs), f"remaining {remaining}"
     remaining = depthwise.prune_configs(depthwise._CHANNELS_LAST_CONFIGS, {"H_out": 1, "W_out": 1, "C": 8})
     assert len(remaining) == 1, f"remaining {remaining}"
+
+
+# The Toeplitz formulation: the same correlation as one tl.dot per filter row. The 7 x 7 case
+# on 35 x 21 images needs 3 x 2 interpreter tiles; the others fit one.
+TOEPLITZ_CASES = [
+    ((3, 3), (2, 3, 9, 11)),
+    ((4, 4), (2, 3, 9, 11)),
+    ((7, 7), (1, 2, 35, 21)),
+    ((13, 13), (1, 2, 5, 6)),
+    ((5, 31), (1, 2, 6, 9)),
+    ((31, 5), (1, 2, 9, 6)),
+]
+
+
+def check_toeplitz(shape, kernel_size, padding4, dtype, memory_format, seed, activation=None):
+    """Compare the Toeplitz forward and input gradient with their float64 truth."""
+    generator = torch.Generator().manual_seed(seed)
+    channels = shape[1]
+    x = random_tensor(shape, generator, dtype, memory_format)
+    weight = random_tensor((channels, 1, *kernel_size), generator, dtype)
+    bias = random_tensor((channels,), generator, dtype)
+    out_shape = output_shape(shape, kernel_size, padding4)
+    grad_output = random_tensor(out_shape, generator, dtype, memory_format)
+    x64, weight64, bias64, grad64 = (t.double() for t in (x, weight, bias, grad_output))
+    taps = kernel_size[0] * kernel_size[1]
+
+    expected_pre = reference.depthwise_conv2d(x64, weight64, bias64, padding4)
+    y, preactivation = depthwise.depthwise_forward(
+        x,
+        weight,
+        bias,
+        padding4,
+        activation=activation,
+        save_preactivation=True,
+        out=nan_tensor(out_shape, dtype, memory_format),
+        preactivation_out=nan_tensor(out_shape, dtype, memory_format),
+        formulation="toeplitz",
+    )
+    assert_matches(preactivation, expected_pre, dtype, taps, "Toeplitz preactivation", seed)
+    grad_pre = grad64
+    if activation is not None:
+        approximate = "tanh" if activation == "gelu_tanh" else "none"
+        expected_pre = F.gelu(expected_pre, approximate=approximate)
+        _, grad_pre = gelu_truth(preactivation.double(), grad64, approximate)
+    assert_matches(y, expected_pre, dtype, taps, "Toeplitz forward", seed)
+    assert y.is_contiguous(memory_format=memory_format), f"forward output strides {y.stride()}"
+
+    saved = dict(activation=activation, preactivation=preactivation if activation else None)
+    grad_x = depthwise.depthwise_input_grad(
+        grad_output,
+        weight,
+        padding4,
+        shape[-2:],
+        **saved,
+        out=nan_tensor(shape, dtype, memory_format),
+        formulation="toeplitz",
+    )
+    expected_grad_x = reference.depthwise_conv2d_input_grad(grad_pre, weight64, padding4, shape[-2:])
+    assert_matches(grad_x, expected_grad_x, dtype, taps, "Toeplitz input gradient", seed)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case", TOEPLITZ_CASES, ids=kernel_case_id)
+def test_toeplitz_matches_reference(case, layout, dtype, seed):
+    kernel_size, shape = case
+    check_toeplitz(shape, kernel_size, same_padding(kernel_size), dtype, LAYOUTS[layout], seed)
+
+
+@pytest.mark.parametrize("padding", [0, (0, 2, 3, 1)], ids=["pad0", "pad0-2-3-1"])
+def test_toeplitz_integer_padding(padding, seed):
+    padding4 = (padding,) * 4 if isinstance(padding, int) else padding
+    check_toeplitz((1, 2, 9, 12), (3, 5), padding4, torch.float32, torch.contiguous_format, seed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
+def test_toeplitz_fused_gelu(activation, dtype, seed):
+    check_toeplitz(
+        (2, 3, 9, 11), (5, 5), same_padding((5, 5)), dtype, torch.contiguous_format, seed, activation
+    )
+
+
+def test_toeplitz_rejects_bad_arguments():
+    x = torch.randn(1, 2, 8, 8, device=DEVICE)
+    weight = torch.randn(2, 1, 3, 3, device=DEVICE)
+    with pytest.raises(ValueError, match="formulation must be one of"):
+        depthwise.depthwise_forward(x, weight, None, (1, 1, 1, 1), formulation="winograd")
+    wide = torch.randn(2, 1, 1, depthwise.TOEPLITZ_MAX_KW + 1, device=DEVICE)
+    with pytest.raises(ValueError, match="use formulation='fma'"):
+        depthwise.depthwise_input_grad(x, wide, (0, 0, 64, 64), (8, 8), formulation="toeplitz")
+
+
+def test_toeplitz_prune_keeps_one_window_per_tile():
+    configs = depthwise._TOEPLITZ_CONFIGS
+    for kw in (3, 7, 31, 51):
+        remaining = depthwise.prune_toeplitz_configs(configs, {"H_out": 112, "W_out": 112}, KW=kw)
+        tiles = [(c.kwargs["BLOCK_H"], c.kwargs["BLOCK_W"]) for c in remaining]
+        assert len(tiles) == len(set(tiles)) == 5, f"kw={kw}: {remaining}"
+        for config in remaining:
+            block_w, block_k = config.kwargs["BLOCK_W"], config.kwargs["BLOCK_K"]
+            assert block_w + kw - 1 <= block_k < 2 * (block_w + kw - 1), f"kw={kw}: {config}"
+    remaining = depthwise.prune_toeplitz_configs(configs, {"H_out": 7, "W_out": 7}, KW=7)
+    assert [(c.kwargs["BLOCK_H"], c.kwargs["BLOCK_W"]) for c in remaining] == [(32, 32)]
+
+
+def test_toeplitz_autotuned_launch_matches_reference(monkeypatch, seed):
+    def cpu_bench(kernel_call, quantiles):
+        start = time.perf_counter()
+        kernel_call()
+        return [time.perf_counter() - start] * len(quantiles)
+
+    tuned = depthwise.make_tuned_toeplitz_kernel(depthwise._TOEPLITZ_CONFIGS, do_bench=cpu_bench)
+    monkeypatch.setattr(depthwise, "_TUNED_TOEPLITZ_KERNEL", tuned)
+    monkeypatch.setattr(depthwise, "_interpreter_active", lambda: False)
+    generator = torch.Generator().manual_seed(seed)
+    x = random_tensor((1, 2, 33, 40), generator, torch.float32)
+    weight = random_tensor((2, 1, 3, 7), generator, torch.float32)
+    padding4 = same_padding((3, 7))
+    y = depthwise.depthwise_forward(
+        x, weight, None, padding4, out=nan_tensor(x.shape, torch.float32), formulation="toeplitz"
+    )
+    expected = reference.depthwise_conv2d(x.double(), weight.double(), None, padding4)
+    assert_matches(y, expected, torch.float32, 21, "autotuned Toeplitz forward", seed)
+    chosen = tuned.best_config
+    assert chosen.kwargs["BLOCK_K"] == depthwise.toeplitz_window(chosen.kwargs["BLOCK_W"], 7)
