@@ -103,8 +103,8 @@ def output_shape(shape, kernel_size, padding4):
     )
 
 
-def check_all_kernels(shape, kernel_size, padding4, dtype, memory_format, seed):
-    """Run forward, input, bias and weight gradient kernels and compare each with float64 truth."""
+def random_inputs(shape, kernel_size, padding4, dtype, memory_format, seed):
+    """Return fresh N(0, 1) x, weight, bias and output gradient for one convolution case."""
     generator = torch.Generator().manual_seed(seed)
     channels = shape[1]
     x = random_tensor(shape, generator, dtype, memory_format)
@@ -112,6 +112,13 @@ def check_all_kernels(shape, kernel_size, padding4, dtype, memory_format, seed):
     bias = random_tensor((channels,), generator, dtype)
     out_shape = output_shape(shape, kernel_size, padding4)
     grad_output = random_tensor(out_shape, generator, dtype, memory_format)
+    return x, weight, bias, grad_output
+
+
+def check_all_kernels(shape, kernel_size, padding4, dtype, memory_format, seed):
+    """Run forward, input, bias and weight gradient kernels and compare each with float64 truth."""
+    x, weight, bias, grad_output = random_inputs(shape, kernel_size, padding4, dtype, memory_format, seed)
+    out_shape = grad_output.shape
     x64, weight64, bias64, grad64 = (t.double() for t in (x, weight, bias, grad_output))
     taps = kernel_size[0] * kernel_size[1]
     batch_and_space = out_shape[0] * out_shape[2] * out_shape[3]
@@ -429,13 +436,8 @@ TOEPLITZ_CASES = [
 
 def check_toeplitz(shape, kernel_size, padding4, dtype, memory_format, seed, activation=None):
     """Compare the Toeplitz forward and input gradient with their float64 truth."""
-    generator = torch.Generator().manual_seed(seed)
-    channels = shape[1]
-    x = random_tensor(shape, generator, dtype, memory_format)
-    weight = random_tensor((channels, 1, *kernel_size), generator, dtype)
-    bias = random_tensor((channels,), generator, dtype)
-    out_shape = output_shape(shape, kernel_size, padding4)
-    grad_output = random_tensor(out_shape, generator, dtype, memory_format)
+    x, weight, bias, grad_output = random_inputs(shape, kernel_size, padding4, dtype, memory_format, seed)
+    out_shape = grad_output.shape
     x64, weight64, bias64, grad64 = (t.double() for t in (x, weight, bias, grad_output))
     taps = kernel_size[0] * kernel_size[1]
 
