@@ -155,6 +155,8 @@ def sample_from_factors(factors, n, *, generator=None, dtype=torch.float32, back
         from .kernels import sampling as sampling_kernels
 
         seed = seed_from(generator, device)
+        if isinstance(seed, torch.Tensor) and seed.device != device:
+            seed = seed.to(device)  # a generator on another GPU: a device-to-device copy
         return sampling_kernels.sample_from_factors(
             factors.to(torch.float32).contiguous(), n, seed, dtype=dtype
         )
