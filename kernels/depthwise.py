@@ -34,6 +34,10 @@ columns cover the tile and its halo. The band wastes (BLOCK_K / kw) times the mu
 direct loop, which tensor cores can afford only for wide filters. One program covers one
 (image, channel) plane tile in either layout; channels_last loads are then strided.
 
+A non-finite input spreads further in this formulation: the band's zeros multiply every value of
+the window, and inf * 0 is NaN, so one Inf or NaN turns the whole tile row of outputs to NaN,
+where the FMA loop makes only the outputs that read it non-finite.
+
 NOTE: ``"fma"`` stays the default for every shape until GPU timings show where the Toeplitz
 formulation is faster; ``benchmarks/gpu_check.py`` times both.
 """
@@ -382,8 +386,8 @@ def _depthwise_toeplitz_kernel(
 
     Arguments are those of ``_depthwise_conv_kernel``, plus:
         INPUT_PRECISION: ``tl.dot`` precision of float32 operands ("ieee", "tf32" or "tf32x3").
-        DOT_IN_FLOAT32: multiply in float32. Otherwise 16-bit inputs multiply in their own dtype,
-            with the taps rounded to it.
+        DOT_IN_FLOAT32: multiply in float32; required with INPUT_ACT. Otherwise 16-bit inputs
+            multiply in their own dtype, with the taps rounded to it.
         BLOCK_K: input columns per tile, a power of two >= BLOCK_W + KW - 1 and >= 16.
 
     For filter row i, the (BLOCK_H, BLOCK_K) window X of input rows y + i - pad_top and columns
@@ -425,7 +429,7 @@ def _depthwise_toeplitz_kernel(
                 mask=mask,
                 other=0.0,
             ).to(tl.float32)
-            values = (values.to(tl.float32) * _gelu_derivative(pre, INPUT_ACT)).to(values.dtype)
+            values = values.to(tl.float32) * _gelu_derivative(pre, INPUT_ACT)
         toeplitz = tl.load(taps_ptr + (i * KW + band) * C + c, mask=band_ok, other=0.0)
         if DOT_IN_FLOAT32:
             values = values.to(tl.float32)
@@ -697,14 +701,26 @@ def _memory_format(channels_last):
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
-def _activation_code(activation, preactivation=None, needs_preactivation=False):
+def _activation_code(activation, preactivation=None, grad_output=None):
+    """Return the kernel code of ``activation``.
+
+    With ``grad_output`` given (a backward call), check that an activation comes with a
+    preactivation of the same shape and device, which the kernels read element by element.
+    """
     if activation not in _ACTIVATION_CODES:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    if needs_preactivation and activation is not None and preactivation is None:
-        raise ValueError(
-            f"activation={activation!r} needs preactivation=, the tensor that "
-            "depthwise_forward(..., save_preactivation=True) returns after the output"
-        )
+    if grad_output is not None and activation is not None:
+        if preactivation is None:
+            raise ValueError(
+                f"activation={activation!r} needs preactivation=, the tensor that "
+                "depthwise_forward(..., save_preactivation=True) returns after the output"
+            )
+        if preactivation.shape != grad_output.shape or preactivation.device != grad_output.device:
+            raise ValueError(
+                f"preactivation has shape {tuple(preactivation.shape)} on {preactivation.device}, "
+                f"but grad_output has shape {tuple(grad_output.shape)} on {grad_output.device}; "
+                "pass the preactivation saved by the forward pass that produced this output"
+            )
     return _ACTIVATION_CODES[activation]
 
 
@@ -806,9 +822,15 @@ def _launch_conv(
 
 def _launch_toeplitz(args, flags, dtype, planes, out_h, out_w, kw):
     """Launch the Toeplitz kernel over ``planes`` (image, channel) planes."""
-    # The interpreter's tl.dot goes through numpy, which has no bfloat16, so there bfloat16 is
-    # multiplied in float32. Widening bfloat16 is exact, so only the summation order differs.
-    in_float32 = dtype == torch.float32 or (dtype == torch.bfloat16 and _interpreter_active())
+    # With a fused GELU backward, the product of the output gradient and the derivative is kept
+    # in float32, as in the FMA kernel: rounding it to 16 bits could overflow float16. The
+    # interpreter's tl.dot goes through numpy, which has no bfloat16, so there bfloat16 is
+    # multiplied in float32 too; widening bfloat16 is exact, so only the summation order differs.
+    in_float32 = (
+        dtype == torch.float32
+        or flags["INPUT_ACT"] != 0
+        or (dtype == torch.bfloat16 and _interpreter_active())
+    )
     flags = dict(
         flags,
         INPUT_PRECISION=TOEPLITZ_FLOAT32_PRECISION if in_float32 else "ieee",
@@ -920,12 +942,13 @@ def depthwise_input_grad(
         preactivation: (N, C, H_out, W_out), required when ``activation`` is set.
         memory_format: layout of the result, by default that of ``grad_output``.
         out: optional (N, C, H, W) tensor to write into.
-        formulation: "fma" or "toeplitz", as in ``depthwise_forward``.
+        formulation: "fma" or "toeplitz", as in ``depthwise_forward``. With an activation, the
+            Toeplitz products run in float32 (3xTF32) for every input dtype.
 
     Returns:
         (N, C, H, W) in the dtype of ``grad_output``.
     """
-    input_act = _activation_code(activation, preactivation, needs_preactivation=True)
+    input_act = _activation_code(activation, preactivation, grad_output)
     batch, channels, out_h, out_w = grad_output.shape
     kh, kw = weight.shape[-2:]
     _check_formulation(formulation, (kh, kw))
@@ -975,7 +998,7 @@ def depthwise_weight_grad(x, grad_output, kernel_size, padding4, *, activation=N
     Returns:
         (C, 1, kh, kw) contiguous, in the dtype of ``x``.
     """
-    act = _activation_code(activation, preactivation, needs_preactivation=True)
+    act = _activation_code(activation, preactivation, grad_output)
     batch, channels, height, width = x.shape
     out_h, out_w = grad_output.shape[-2:]
     kh, kw = kernel_size
@@ -1023,7 +1046,7 @@ def depthwise_bias_grad(grad_output, *, activation=None, preactivation=None):
     Returns:
         (C,) in the dtype of ``grad_output``.
     """
-    act = _activation_code(activation, preactivation, needs_preactivation=True)
+    act = _activation_code(activation, preactivation, grad_output)
     batch, channels, out_h, out_w = grad_output.shape
     if batch == 0 or out_h == 0 or out_w == 0:
         return torch.zeros(channels, dtype=grad_output.dtype, device=grad_output.device)

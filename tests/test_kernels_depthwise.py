@@ -384,6 +384,23 @@ def test_backward_rejects_missing_preactivation():
         depthwise.depthwise_bias_grad(grad_output, activation="gelu_tanh")
 
 
+def test_backward_rejects_preactivation_of_another_shape():
+    grad_output = torch.randn(1, 2, 8, 8, device=DEVICE)
+    weight = torch.randn(2, 1, 3, 3, device=DEVICE)
+    x = torch.randn(1, 2, 8, 8, device=DEVICE)
+    small = torch.randn(1, 2, 3, 3, device=DEVICE)
+    saved = dict(activation="gelu", preactivation=small)
+    for formulation in depthwise.FORMULATIONS:
+        with pytest.raises(ValueError, match=r"preactivation has shape \(1, 2, 3, 3\)"):
+            depthwise.depthwise_input_grad(
+                grad_output, weight, (1, 1, 1, 1), (8, 8), **saved, formulation=formulation
+            )
+    with pytest.raises(ValueError, match="preactivation has shape"):
+        depthwise.depthwise_weight_grad(x, grad_output, (3, 3), (1, 1, 1, 1), **saved)
+    with pytest.raises(ValueError, match="preactivation has shape"):
+        depthwise.depthwise_bias_grad(grad_output, **saved)
+
+
 def test_autotuned_launch_matches_reference(monkeypatch, seed):
     # The GPU launch path, autotuner and pruning included, timed on the CPU: the interpreter
     # itself never autotunes.
@@ -541,3 +558,25 @@ def test_toeplitz_autotuned_launch_matches_reference(monkeypatch, seed):
     assert_matches(y, expected, torch.float32, 21, "autotuned Toeplitz forward", seed)
     chosen = tuned.best_config
     assert chosen.kwargs["BLOCK_K"] == depthwise.toeplitz_window(chosen.kwargs["BLOCK_W"], 7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_toeplitz_gelu_backward_keeps_the_product_in_float32(dtype):
+    # grad * GELU'(1.5) = 60000 * 1.127 overflows float16, but the input gradient, about 6000, fits.
+    shape, padding4 = (1, 1, 6, 6), (1, 1, 1, 1)
+    weight = torch.full((1, 1, 3, 3), 0.01, dtype=dtype, device=DEVICE)
+    preactivation = torch.full(shape, 1.5, dtype=dtype, device=DEVICE)
+    grad_output = torch.full(shape, 60000.0, dtype=dtype, device=DEVICE)
+    _, grad_pre = gelu_truth(preactivation.double(), grad_output.double(), "none")
+    expected = reference.depthwise_conv2d_input_grad(grad_pre, weight.double(), padding4, shape[-2:])
+    grad_x = depthwise.depthwise_input_grad(
+        grad_output,
+        weight,
+        padding4,
+        shape[-2:],
+        activation="gelu",
+        preactivation=preactivation,
+        out=nan_tensor(shape, dtype),
+        formulation="toeplitz",
+    )
+    assert_matches(grad_x, expected, dtype, 9, "Toeplitz GELU input gradient", seed="fixed")
