@@ -123,7 +123,7 @@ def covariance_stack(cov, name="cov"):
             f"against max|S| = {float(scale[index]):.3g}; a covariance must equal its transpose "
             "(symmetrize it with (S + S.mT) / 2 if the asymmetry is rounding)"
         )
-    return 0.5 * (stack + stack.transpose(-1, -2))
+    return symmetrized(stack)
 
 
 def covariance_stack_deferred(cov, name="cov"):
@@ -140,7 +140,12 @@ def covariance_stack_deferred(cov, name="cov"):
     scale, asymmetry = _asymmetry(stack)
     # A NaN fails both comparisons, so the finiteness test is separate.
     invalid = ~torch.isfinite(stack).all(dim=-1).all(dim=-1) | (asymmetry > SYMMETRY_RTOL * scale)
-    return 0.5 * (stack + stack.transpose(-1, -2)), invalid
+    return symmetrized(stack), invalid
+
+
+def symmetrized(stack):
+    """Return (S + S^T) / 2, halved before the sum so that entries near the float64 maximum stay finite."""
+    return 0.5 * stack + 0.5 * stack.transpose(-1, -2)
 
 
 def _float64_stack(cov, name):

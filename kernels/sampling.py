@@ -213,7 +213,9 @@ def default_blocks(d):
 
 
 def _check_int(value, name, minimum, maximum=None):
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if not isinstance(value, int):
         try:
             value = value.__index__()
         except (AttributeError, TypeError):
@@ -232,12 +234,18 @@ def _check_seed(seed, device):
     """
     if not isinstance(seed, torch.Tensor):
         return _check_int(seed, "seed", 0, MAX_SEED), False
-    if seed.dtype != torch.int64 or seed.numel() != 1:
+    if seed.dtype != torch.int64:
         raise TypeError(
-            f"a tensor seed must hold one int64, got dtype {seed.dtype} and shape "
-            f"{tuple(seed.shape)}; pass torch.randint(0, 2**31 - 1, (1,), device=...)"
+            f"a tensor seed must be int64, got {seed.dtype}; pass "
+            "torch.randint(0, 2**31 - 1, (1,), device=...)"
         )
-    if seed.device != device:
+    if seed.numel() != 1:
+        raise ValueError(
+            f"a tensor seed must hold one value, got shape {tuple(seed.shape)}; pass "
+            "torch.randint(0, 2**31 - 1, (1,), device=...)"
+        )
+    # torch.device("cuda") names the current GPU, so a seed on any index of that type matches it.
+    if seed.device.type != device.type or device.index not in (None, seed.device.index):
         raise ValueError(f"seed is on {seed.device} but the output is on {device}; use one device")
     # Its value is not range-checked, since reading it would wait for the device. Philox takes
     # its 64 bits as they are, so every value gives a valid stream.

@@ -176,10 +176,13 @@ def test_tensor_seed_equals_int_seed(seed):
 def test_invalid_tensor_seed_raises():
     factors = float32_factors(spd_factors(1, 9, seed=0))
     cases = [
-        (TypeError, "one int64", torch.tensor([3], dtype=torch.int32, device=DEVICE)),
-        (TypeError, "one int64", torch.tensor([1.0], device=DEVICE)),
-        (TypeError, "one int64", torch.tensor([1, 2], device=DEVICE)),
+        (TypeError, "must be int64", torch.tensor([3], dtype=torch.int32, device=DEVICE)),
+        (TypeError, "must be int64", torch.tensor([1.0], device=DEVICE)),
+        (TypeError, "must be int64", torch.tensor([True], device=DEVICE)),
+        (ValueError, "one value", torch.tensor([1, 2], device=DEVICE)),
+        (ValueError, "one value", torch.zeros(0, dtype=torch.int64, device=DEVICE)),
         (ValueError, "use one device", torch.tensor([1], device="meta")),
+        (TypeError, "seed must be an int", True),
     ]
     for error, message, seed in cases:
         with pytest.raises(error, match=message):

@@ -228,6 +228,13 @@ def test_factorize_zero_matrix():
     assert torch.equal(factors, torch.zeros(1, 4, 4, dtype=torch.float64))
 
 
+def test_factorize_near_float64_maximum():
+    cov = torch.diag(torch.tensor([1e308, 2e307], dtype=torch.float64))
+    for factors in (factorize(cov), sampling.factorize_deferred(cov)):
+        assert torch.isfinite(factors).all()
+        torch.testing.assert_close(factors[0] @ factors[0].T, cov, atol=0, rtol=1e-15)
+
+
 def test_factorize_indefinite_raises():
     cov = with_eigenvalues([2.0, 1.0, 1.0, -0.5])
     message = "most negative eigenvalue is -0.5 against a largest eigenvalue of 2"
