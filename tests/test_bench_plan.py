@@ -48,10 +48,23 @@ def test_predicted_time_limits_repeats(monkeypatch):
     budget(monkeypatch, 12)
     name = bench_sampling.OURS_TORCH
     work = bench_sampling.work(1, 1000, 81)
-    # 30 s a run: 4 repeats fit the 120 s a case may take.
-    repeats, _, note = bench_sampling.plan_repeats(name, CPU, 1, 1000, 81, 5, 30.0 / work)
-    assert repeats == 4
+    # 30 s a run on the CPU, without a warm-up: 4 repeats fit the 120 s a case may take.
+    repeats, warmup, note = bench_sampling.plan_repeats(name, CPU, 1, 1000, 81, 5, 30.0 / work)
+    assert (repeats, warmup) == (4, False)
     assert "time limit" in note
-    repeats, _, note = bench_sampling.plan_repeats(name, CPU, 1, 1000, 81, 5, 61.0 / work)
+    # 0.9 s a run warms up first, and 5 repeats fit.
+    repeats, warmup, note = bench_sampling.plan_repeats(name, CPU, 1, 1000, 81, 5, 0.9 / work)
+    assert (repeats, warmup, note) == (5, True, "")
+    repeats, _, note = bench_sampling.plan_repeats(name, CPU, 1, 1000, 81, 5, 60.01 / work)
     assert repeats == 0
-    assert "predicted to take 61 s" in note
+    assert "predicted to take 60.01 s, over the 60 s limit" in note
+
+
+def test_warm_up_counts_against_the_case_limit(monkeypatch):
+    # CUDA runs always warm up: at 30 s a run, the warm-up and 3 repeats fill the 120 s.
+    budget(monkeypatch, 12)
+    work = bench_sampling.work(1, 1000, 81)
+    repeats, warmup, _ = bench_sampling.plan_repeats(
+        bench_sampling.OURS_TORCH, torch.device("cuda"), 1, 1000, 81, 5, 30.0 / work
+    )
+    assert (repeats, warmup) == (3, True)
