@@ -34,9 +34,9 @@ columns cover the tile and its halo. The band wastes (BLOCK_K / kw) times the mu
 direct loop, which tensor cores can afford only for wide filters. One program covers one
 (image, channel) plane tile in either layout; channels_last loads are then strided.
 
-A non-finite input spreads further in this formulation: the band's zeros multiply every value of
-the window, and inf * 0 is NaN, so one Inf or NaN turns the whole tile row of outputs to NaN,
-where the FMA loop makes only the outputs that read it non-finite.
+A non-finite input spreads further in this formulation. The band's zeros multiply every value of
+the window, and inf * 0 is NaN, so one Inf or NaN turns the whole tile row of outputs to NaN. The
+FMA loop makes only the outputs that read it non-finite.
 
 NOTE: ``"fma"`` stays the default for every shape until GPU timings show where the Toeplitz
 formulation is faster; ``benchmarks/gpu_check.py`` times both.
@@ -98,7 +98,7 @@ _GPU_FIXED_CONFIGS = {False: _config(16, 32, 1, 4), True: _config(4, 8, 32, 4)}
 _INTERPRETER_CONFIGS = {False: _config(16, 16, 1, 1), True: _config(16, 16, 4, 1)}
 
 FORMULATIONS = ("fma", "toeplitz")
-# The Toeplitz window holds BLOCK_W + kw - 1 input columns, padded to a power of two; wider
+# The Toeplitz window spans BLOCK_W + kw - 1 input columns, padded to a power of two. Wider
 # filters than this would need windows past 256 columns.
 TOEPLITZ_MAX_KW = 128
 # tl.dot precision of float32 operands in the Toeplitz formulation: three TF32 products per
@@ -382,7 +382,7 @@ def _depthwise_toeplitz_kernel(
     BLOCK_W: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """The correlation of ``_depthwise_conv_kernel``, one ``tl.dot`` per filter row.
+    """Compute the correlation of ``_depthwise_conv_kernel`` with one ``tl.dot`` per filter row.
 
     Arguments are those of ``_depthwise_conv_kernel``, plus:
         INPUT_PRECISION: ``tl.dot`` precision of float32 operands ("ieee", "tf32" or "tf32x3").
@@ -825,7 +825,7 @@ def _launch_toeplitz(args, flags, dtype, planes, out_h, out_w, kw):
     # With a fused GELU backward, the product of the output gradient and the derivative is kept
     # in float32, as in the FMA kernel: rounding it to 16 bits could overflow float16. The
     # interpreter's tl.dot goes through numpy, which has no bfloat16, so there bfloat16 is
-    # multiplied in float32 too; widening bfloat16 is exact, so only the summation order differs.
+    # multiplied in float32 too. Widening bfloat16 is exact, and only the summation order differs.
     in_float32 = (
         dtype == torch.float32
         or flags["INPUT_ACT"] != 0

@@ -12,7 +12,7 @@ def budget(monkeypatch, gigabytes):
     monkeypatch.setattr(bench_sampling, "memory_budget", lambda device: gigabytes * GB)
 
 
-def test_bank_of_multivariate_normals_is_skipped_for_its_broadcast(monkeypatch):
+def test_multivariate_normal_bank_is_skipped(monkeypatch):
     # 32 x 1e5 filters of 81 values are a 1.04 GB output, which fits 12 GB four times over, but
     # MultivariateNormal materializes an (n, B, d, d) product of 84 GB.
     budget(monkeypatch, 12)
@@ -27,7 +27,7 @@ def test_bank_of_multivariate_normals_is_skipped_for_its_broadcast(monkeypatch):
         assert (repeats, note) == (5, "")
 
 
-def test_single_multivariate_normal_uses_the_plain_factor(monkeypatch):
+def test_multivariate_normal_single_matrix(monkeypatch):
     budget(monkeypatch, 12)
     output = 1_000_000 * 961 * 4
     assert bench_sampling.memory_needed(bench_sampling.MULTIVARIATE_NORMAL, 1, 1_000_000, 961) == (
@@ -60,7 +60,7 @@ def test_predicted_time_limits_repeats(monkeypatch):
     assert "predicted to take 60.01 s, over the 60 s limit" in note
 
 
-def test_warm_up_counts_against_the_case_limit(monkeypatch):
+def test_warm_up_within_case_limit(monkeypatch):
     # CUDA runs always warm up: at 30 s a run, the warm-up and 3 repeats fill the 120 s.
     budget(monkeypatch, 12)
     work = bench_sampling.work(1, 1000, 81)
