@@ -39,11 +39,10 @@ LOSS_TRACE_POINTS = 20
 class TrainConfig:
     """Settings of one training run.
 
-    With the defaults, ``python -m convcov_fast train`` reached 0.8635 test accuracy on the
-    full test split and used 183 s of CPU time on a 2-core AMD EPYC VM with torch 2.13.0+cpu
-    (measured 2026-12-04). Its wall time there was 5 min 47 s, because other jobs kept the load
-    average at 6-7. NOTE: the wall time of an idle 2-core machine is estimated from the CPU
-    time, at 1.5 to 2.5 min, and was not measured.
+    With the defaults, ``python -m convcov_fast train`` reached 0.8706 test accuracy on the
+    full test split in 22 s of wall time and 39 s of CPU time on a 2-core AMD EPYC VM with
+    torch 2.13.0+cpu (measured 2026-12-04). An earlier run of the command took 5 min 47 s,
+    while other jobs kept the load average at 6 to 7.
 
     ``init`` is "default" (PyTorch's uniform init), "closed_form" (``covariance.closed_form``) or
     the path of a bank file written by ``covariance.save_bank``. Sizes of data subsets count
