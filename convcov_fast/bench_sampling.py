@@ -55,10 +55,6 @@ MAX_CASE_SECONDS = 120.0
 # A method is skipped when its predicted peak memory, ``memory_needed``, would exceed this
 # fraction of the memory of its device.
 MEMORY_FRACTION = 0.5
-# Peak memory over output size, with margin over what was measured on the CPU (torch 2.13, numpy
-# 2): up to 3.06 for MultivariateNormal with one matrix, 2.05 for the other torch methods and
-# 3.11 for numpy, whose output is float64.
-MEMORY_FACTOR = 4
 # On the CPU, full mode skips the warm-up call of a run predicted to take longer than this, because
 # such a run has no compilation or cache effect worth a second call. CUDA runs always warm up, so
 # that Triton compiles and autotunes outside the timed region.
@@ -72,6 +68,17 @@ OURS_TRITON = "convcov_fast.sample (triton)"
 MULTIVARIATE_NORMAL = "MultivariateNormal.sample"
 CHOLESKY_RANDN = "cholesky + randn + matmul"
 NUMPY = "numpy multivariate_normal"
+
+# Peak memory over output size per method, with margin over what was measured on the CPU (torch
+# 2.13, numpy 2): up to 2.05 for convcov_fast.sample and cholesky + randn + matmul, 3.06 for
+# MultivariateNormal with one matrix, and 3.11 for numpy, whose output is float64.
+MEMORY_FACTORS = {
+    OURS_TORCH: 2.5,
+    OURS_TRITON: 2.5,
+    CHOLESKY_RANDN: 2.5,
+    MULTIVARIATE_NORMAL: 3.5,
+    NUMPY: 3.5,
+}
 
 
 def random_covariances(batch, d, seed=0):
@@ -159,16 +166,16 @@ def output_numel(output):
 
 
 def memory_needed(name, batch, n, d):
-    """Return the predicted peak bytes of one method's call, an estimate from ``MEMORY_FACTOR``.
+    """Return the predicted peak bytes of one method's call, an estimate from ``MEMORY_FACTORS``.
 
     ``MultivariateNormal`` over a bank broadcasts its (B, d, d) factor against the (n, B, d)
     noise in one matmul, which materializes an (n, B, d, d) tensor: the peak was 83 times the
-    output for B = 32 and d = 81 on the CPU, about d + 2 times, so a bank gets d + MEMORY_FACTOR.
+    output for B = 32 and d = 81 on the CPU, about d + 2 times, so a bank gets d + 4 times.
     """
     output = batch * n * d * output_itemsize(name)
     if name == MULTIVARIATE_NORMAL and batch > 1:
-        return output * (d + MEMORY_FACTOR)
-    return output * MEMORY_FACTOR
+        return output * (d + 4)
+    return output * MEMORY_FACTORS[name]
 
 
 def memory_budget(device):
