@@ -596,6 +596,7 @@ def run_benchmarks(report, device, dtype_names, dry_run, deadline):
     fma_tflops = measure_fma_rate(device, measure, dry_run)
     print(f"copy bandwidth {bandwidth_gbps:.0f} GB/s, FMA-chain rate {fma_tflops:.1f} TFLOP/s", flush=True)
     rows = DRY_RUN_ROWS if dry_run else BENCHMARK_ROWS
+    times_toeplitz = toeplitz_rows(dry_run)
     for dtype_name in dtype_names:
         for row in rows:
             for layout in LAYOUTS:
@@ -604,7 +605,7 @@ def run_benchmarks(report, device, dtype_names, dry_run, deadline):
                     continue
                 time_row(
                     report, row, dtype_name, layout, device, measure, bandwidth_gbps, fma_tflops,
-                    toeplitz_rows(dry_run),
+                    times_toeplitz,
                 )
                 if device.type == "cuda":
                     torch.cuda.empty_cache()

@@ -107,13 +107,13 @@ def factorize_failing(matrix, index):
 def seed_from(generator, device):
     """Draw a 31-bit kernel seed from ``generator`` or, without one, from torch's default generator.
 
-    Returns an int on the CPU, and on other devices a one-element int64 tensor that the kernel
-    reads, so that drawing the seed does not wait for the device.
+    Returns an int when the seed is drawn on the CPU. Otherwise it returns a one-element int64
+    tensor on ``device``, which the kernel reads, so that drawing the seed does not wait for the
+    device. A generator on another GPU costs a device-to-device copy.
     """
-    if generator is not None:
-        device = generator.device
-    seed = torch.randint(0, 2**31 - 1, (1,), generator=generator, device=device)
-    return int(seed) if seed.device.type == "cpu" else seed
+    seed_device = generator.device if generator is not None else device
+    seed = torch.randint(0, 2**31 - 1, (1,), generator=generator, device=seed_device)
+    return int(seed) if seed.device.type == "cpu" else seed.to(device)
 
 
 def triton_available(device):
@@ -155,8 +155,6 @@ def sample_from_factors(factors, n, *, generator=None, dtype=torch.float32, back
         from .kernels import sampling as sampling_kernels
 
         seed = seed_from(generator, device)
-        if isinstance(seed, torch.Tensor) and seed.device != device:
-            seed = seed.to(device)  # a generator on another GPU: a device-to-device copy
         return sampling_kernels.sample_from_factors(
             factors.to(torch.float32).contiguous(), n, seed, dtype=dtype
         )

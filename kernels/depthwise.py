@@ -43,6 +43,7 @@ formulation is faster; ``benchmarks/gpu_check.py`` times both.
 """
 
 import inspect
+import math
 import os
 
 import torch
@@ -147,46 +148,47 @@ def _fixed_config(channels_last):
     return _GPU_FIXED_CONFIGS[channels_last]
 
 
+# The output size that bounds each tile size, by the name of the kernel argument.
+_TILE_BOUNDS = {"BLOCK_H": "H_out", "BLOCK_W": "W_out", "BLOCK_C": "C"}
+
+
+def _tile_sizes(config):
+    """Return the tile sizes of ``config`` along output rows, columns and channels, by name."""
+    return {name: value for name, value in config.kwargs.items() if name in _TILE_BOUNDS}
+
+
 def prune_configs(configs, named_args, **kwargs):
     """Drop tiles larger than the next power of two of the output's rows, columns or channels.
 
     Such tiles leave most lanes masked off and only cost tuning time. When no tile fits, the
-    smallest one is returned, so at least one configuration remains.
+    smallest one is returned, so at least one configuration remains. Configs without BLOCK_C,
+    such as the Toeplitz ones, are bounded by rows and columns only.
     """
-    limits = {
-        "BLOCK_H": triton.next_power_of_2(named_args["H_out"]),
-        "BLOCK_W": triton.next_power_of_2(named_args["W_out"]),
-        "BLOCK_C": triton.next_power_of_2(named_args["C"]),
-    }
     fitting = [
-        config for config in configs if all(config.kwargs[name] <= limit for name, limit in limits.items())
+        config
+        for config in configs
+        if all(
+            size <= triton.next_power_of_2(named_args[_TILE_BOUNDS[name]])
+            for name, size in _tile_sizes(config).items()
+        )
     ]
     if fitting:
         return fitting
-    return [
-        min(
-            configs,
-            key=lambda config: config.kwargs["BLOCK_H"] * config.kwargs["BLOCK_W"] * config.kwargs["BLOCK_C"],
-        )
-    ]
+    return [min(configs, key=lambda config: math.prod(_tile_sizes(config).values()))]
 
 
 def prune_toeplitz_configs(configs, named_args, **kwargs):
     """Keep the Toeplitz configs whose BLOCK_K is ``toeplitz_window`` of their tile and kw.
 
-    Tiles larger than the output's rows or columns (as powers of two) are dropped as in
-    ``prune_configs``, and when none fits, the smallest tile is kept.
+    Of those, ``prune_configs`` then drops the tiles larger than the output.
     """
     kw = kwargs["KW"] if "KW" in kwargs else named_args["KW"]
-    fitting = [config for config in configs
-               if config.kwargs["BLOCK_K"] == toeplitz_window(config.kwargs["BLOCK_W"], kw)]
-    limits = {"BLOCK_H": triton.next_power_of_2(named_args["H_out"]),
-              "BLOCK_W": triton.next_power_of_2(named_args["W_out"])}
-    small = [config for config in fitting
-             if all(config.kwargs[name] <= limit for name, limit in limits.items())]
-    if small:
-        return small
-    return [min(fitting, key=lambda config: config.kwargs["BLOCK_H"] * config.kwargs["BLOCK_W"])]
+    windowed = [
+        config
+        for config in configs
+        if config.kwargs["BLOCK_K"] == toeplitz_window(config.kwargs["BLOCK_W"], kw)
+    ]
+    return prune_configs(windowed, named_args)
 
 
 @triton.jit
