@@ -463,7 +463,7 @@ def toeplitz_rows(dry_run):
 def time_row(report, row, dtype_name, layout, device, measure, bandwidth_gbps, fma_tflops, times_toeplitz):
     """Time one benchmark row in one dtype and layout against nn.Conv2d, and check its results.
 
-    When ``times_toeplitz(layout, kernel_size)`` holds, the Toeplitz formulation is timed too.
+    When ``times_toeplitz(layout, kernel_size)`` is true, the Toeplitz formulation is timed too.
     """
     name, batch, channels, height, width, kernel_size, with_backward = row
     dtype, memory_format = DTYPES[dtype_name], LAYOUTS[layout]

@@ -1,8 +1,9 @@
 """The sampling phase of ``gpu_check.py``: the Triton sampler on one GPU.
 
-It checks the kernel against L @ z in float64 on NaN-poisoned outputs, compares the GPU's samples
-with those of the Triton interpreter for the same seed (run in a subprocess, since the interpreter
-is chosen when triton is imported), and counts the host synchronizations of one ``sample`` call.
+It checks the kernel against L @ z in float64 on NaN-poisoned outputs. It compares the GPU's
+samples with those of the Triton interpreter for the same seed, run in a subprocess because the
+interpreter is chosen when triton is imported. It counts the host synchronizations of one
+``sample`` call.
 It then times, as medians of ``measure``:
 
 - the sampling step alone (factors given) at n = 1e6, d = 81, against the device's write
@@ -139,7 +140,7 @@ def tf32_covariance_bias(factors, n):
 
 
 def run_sampling(report, device, measure, dry_run, deadline):
-    """Run the sampling checks and timings; return a dict for the JSON report."""
+    """Run the sampling checks and timings, and return their results for the JSON report."""
     results = {}
     check_kernel(report, device, dry_run)
     on_device, interpreted = interpreter_agreement(device)

@@ -127,7 +127,7 @@ def covariance_stack(cov, name="cov"):
 
 
 def covariance_stack_deferred(cov, name="cov"):
-    """Like ``covariance_stack``, but return the value checks as flags instead of raising.
+    """Validate like ``covariance_stack``, but return the value checks as flags instead of raising.
 
     Only the shape and dtype are checked here, from metadata, so nothing waits for the device.
 

@@ -69,9 +69,9 @@ MULTIVARIATE_NORMAL = "MultivariateNormal.sample"
 CHOLESKY_RANDN = "cholesky + randn + matmul"
 NUMPY = "numpy multivariate_normal"
 
-# Peak memory over output size per method, with margin over what was measured on the CPU (torch
-# 2.13, numpy 2): up to 2.05 for convcov_fast.sample and cholesky + randn + matmul, 3.06 for
-# MultivariateNormal with one matrix, and 3.11 for numpy, whose output is float64.
+# Peak memory over output size per method, with a margin over the peaks measured on the CPU
+# (torch 2.13, numpy 2). Those were up to 2.05 for convcov_fast.sample and cholesky + randn +
+# matmul, 3.06 for MultivariateNormal with one matrix, and 3.11 for numpy's float64 output.
 MEMORY_FACTORS = {
     OURS_TORCH: 2.5,
     OURS_TRITON: 2.5,

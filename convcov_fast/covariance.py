@@ -26,9 +26,9 @@ BANK_VERSION = 1
 # Defaults of the closed-form bank, in taps: nearly independent taps in the first layer, wider
 # filters in the last, and no constant correlation between taps (see ``gaussian``).
 # `convcov-fast study --full` chose them by validation accuracy with frozen filters (ConvMixer-32/4,
-# kernels 5, 9 and 15, 10,000 Fashion-MNIST images). NOTE: sigma_first 0.25 led 0.5 by 0.43 points
-# of validation accuracy, below our estimate of the standard error of that difference (0.7 points);
-# docs/results.md has the numbers.
+# kernels 5, 9 and 15, 10,000 Fashion-MNIST images). NOTE: sigma_first 0.25 led 0.5 by only 0.43
+# points of validation accuracy. Our estimate of the standard error of that difference is 0.7
+# points, and docs/results.md has the numbers.
 SIGMA_FIRST = 0.25
 SIGMA_LAST = 1.5
 CONSTANT = 0.0

@@ -37,7 +37,7 @@ def factorize(cov):
 
 
 def factorize_deferred(cov):
-    """``factorize`` for devices where every check of a flag waits for the device, such as CUDA.
+    """Factor like ``factorize`` on devices where reading a flag on the host waits, such as CUDA.
 
     The value checks and the Cholesky failures become one flag, so the common case waits once.
     Identical matrices are not merged, since finding them would wait too.
@@ -45,7 +45,8 @@ def factorize_deferred(cov):
     stack, invalid = _checks.covariance_stack_deferred(cov)
     factors, info = torch.linalg.cholesky_ex(stack)
     # The one wait for the device in the common case: a single flag, set when any matrix is not
-    # finite, not symmetric or not factored. Raising an error needs the host, so no fewer.
+    # finite, not symmetric or not factored. An error can only be raised from the host, so one
+    # wait is the minimum.
     if not bool((invalid | (info != 0)).any()):
         return factors
     _checks.covariance_stack(cov)  # raises for a matrix that is not finite or not symmetric

@@ -32,14 +32,14 @@ wide filters. For each filter row it expands the row into a banded (Toeplitz) ma
 BLOCK_K) window of input rows by it with ``tl.dot``, where BLOCK_K >= BLOCK_W + kw - 1 input
 columns cover the tile and its halo. The band wastes (BLOCK_K / kw) times the multiply-adds of the
 direct loop, which tensor cores can afford only for wide filters. One program covers one
-(image, channel) plane tile in either layout; channels_last loads are then strided.
+(image, channel) plane tile in either layout, so channels_last loads are strided.
 
 A non-finite input spreads further in this formulation. The band's zeros multiply every value of
 the window, and inf * 0 is NaN, so one Inf or NaN turns the whole tile row of outputs to NaN. The
 FMA loop makes only the outputs that read it non-finite.
 
 NOTE: ``"fma"`` stays the default for every shape until GPU timings show where the Toeplitz
-formulation is faster; ``benchmarks/gpu_check.py`` times both.
+formulation is faster. ``benchmarks/gpu_check.py`` times both.
 """
 
 import inspect
@@ -99,11 +99,11 @@ _GPU_FIXED_CONFIGS = {False: _config(16, 32, 1, 4), True: _config(4, 8, 32, 4)}
 _INTERPRETER_CONFIGS = {False: _config(16, 16, 1, 1), True: _config(16, 16, 4, 1)}
 
 FORMULATIONS = ("fma", "toeplitz")
-# The Toeplitz window spans BLOCK_W + kw - 1 input columns, padded to a power of two. Wider
-# filters than this would need windows past 256 columns.
+# The Toeplitz window spans BLOCK_W + kw - 1 input columns, padded to a power of two, so up to
+# this width the tiles of at most 64 columns need windows of at most 256 columns.
 TOEPLITZ_MAX_KW = 128
 # tl.dot precision of float32 operands in the Toeplitz formulation: three TF32 products per
-# product, which keeps about float32 accuracy on tensor cores.
+# product, which by our estimate keeps the error near float32 rounding on tensor cores.
 TOEPLITZ_FLOAT32_PRECISION = "tf32x3"
 
 
@@ -388,7 +388,7 @@ def _depthwise_toeplitz_kernel(
 
     Arguments are those of ``_depthwise_conv_kernel``, plus:
         INPUT_PRECISION: ``tl.dot`` precision of float32 operands ("ieee", "tf32" or "tf32x3").
-        DOT_IN_FLOAT32: multiply in float32; required with INPUT_ACT. Otherwise 16-bit inputs
+        DOT_IN_FLOAT32: multiply in float32, which INPUT_ACT requires. Otherwise 16-bit inputs
             multiply in their own dtype, with the taps rounded to it.
         BLOCK_K: input columns per tile, a power of two >= BLOCK_W + KW - 1 and >= 16.
 
@@ -706,8 +706,8 @@ def _memory_format(channels_last):
 def _activation_code(activation, preactivation=None, grad_output=None):
     """Return the kernel code of ``activation``.
 
-    With ``grad_output`` given (a backward call), check that an activation comes with a
-    preactivation of the same shape and device, which the kernels read element by element.
+    In a backward call, with ``grad_output`` given, it also checks that an activation comes with
+    a preactivation of the same shape and device, because the kernels read it element by element.
     """
     if activation not in _ACTIVATION_CODES:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
@@ -824,9 +824,9 @@ def _launch_conv(
 
 def _launch_toeplitz(args, flags, dtype, planes, out_h, out_w, kw):
     """Launch the Toeplitz kernel over ``planes`` (image, channel) planes."""
-    # With a fused GELU backward, the product of the output gradient and the derivative is kept
-    # in float32, as in the FMA kernel: rounding it to 16 bits could overflow float16. The
-    # interpreter's tl.dot goes through numpy, which has no bfloat16, so there bfloat16 is
+    # With a fused GELU backward, the product of the output gradient and the derivative stays in
+    # float32, as in the FMA kernel, because rounding it to 16 bits can overflow float16.
+    # The interpreter's tl.dot goes through numpy, which has no bfloat16, so there bfloat16 is
     # multiplied in float32 too. Widening bfloat16 is exact, and only the summation order differs.
     in_float32 = (
         dtype == torch.float32
@@ -878,8 +878,8 @@ def depthwise_forward(
         out, preactivation_out: optional tensors to write into, with the shape, dtype and memory
             format of the result.
         formulation: "fma" (the direct loop) or "toeplitz" (``tl.dot`` on banded filter rows,
-            float32 in 3xTF32 and 16-bit inputs with the taps rounded to their dtype; see the
-            module docstring).
+            float32 in 3xTF32 and 16-bit inputs with the taps rounded to their dtype, as the
+            module docstring explains).
 
     Returns:
         ``y`` of shape (N, C, H + top + bottom - kh + 1, W + left + right - kw + 1), or

@@ -409,8 +409,8 @@ def standard_normals(B, n, d, seed, *, device):
     """Return the (B, n, d) float32 standard normals z that ``sample_from_factors`` draws.
 
     For the same seed, ``sample_from_factors(L, n, seed)[b, j]`` equals ``L[b] @ z[b, j]`` up to
-    float32 rounding. ``seed`` is an int or a one-element int64 tensor, as there. This
-    materializes z, so it is meant for tests and small sizes.
+    float32 rounding. ``seed`` is an int or a one-element int64 tensor, as in
+    ``sample_from_factors``. This materializes z, so it is meant for tests and small sizes.
     """
     B = _check_int(B, "B", 0)
     n = _check_int(n, "n", 0)

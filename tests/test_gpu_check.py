@@ -1,6 +1,6 @@
 """The prepared GPU check runs end to end on the CPU in its dry-run mode.
 
-GPU time is scarce, so a broken script would waste it: this runs every phase of
+GPU time is scarce, and a broken script would waste it. This runs every phase of
 benchmarks/gpu_check.py under the Triton interpreter with tiny shapes and reads its JSON.
 """
 
@@ -27,7 +27,7 @@ def dry_run_report(tmp_path_factory):
     return json.loads(path.read_text())
 
 
-def test_every_check_passes_and_nothing_is_skipped(dry_run_report):
+def test_dry_run_checks_pass(dry_run_report):
     assert dry_run_report["dry_run"] is True
     assert dry_run_report["checks_failed"] == 0, dry_run_report["failures"]
     assert dry_run_report["skipped"] == []

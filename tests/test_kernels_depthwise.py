@@ -384,7 +384,7 @@ def test_backward_rejects_missing_preactivation():
         depthwise.depthwise_bias_grad(grad_output, activation="gelu_tanh")
 
 
-def test_backward_rejects_preactivation_of_another_shape():
+def test_backward_rejects_preactivation_shape():
     grad_output = torch.randn(1, 2, 8, 8, device=DEVICE)
     weight = torch.randn(2, 1, 3, 3, device=DEVICE)
     x = torch.randn(1, 2, 8, 8, device=DEVICE)
@@ -440,7 +440,7 @@ def test_prune_configs_fits_output():
 
 
 # The Toeplitz formulation: the same correlation as one tl.dot per filter row. The 7 x 7 case
-# on 35 x 21 images needs 3 x 2 interpreter tiles; the others fit one.
+# on 35 x 21 images needs 3 x 2 interpreter tiles, and the others fit one.
 TOEPLITZ_CASES = [
     ((3, 3), (2, 3, 9, 11)),
     ((4, 4), (2, 3, 9, 11)),
@@ -525,7 +525,7 @@ def test_toeplitz_rejects_bad_arguments():
         depthwise.depthwise_input_grad(x, wide, (0, 0, 64, 64), (8, 8), formulation="toeplitz")
 
 
-def test_toeplitz_prune_keeps_one_window_per_tile():
+def test_toeplitz_prune_one_window_per_tile():
     configs = depthwise._TOEPLITZ_CONFIGS
     for kw in (3, 7, 31, 51):
         remaining = depthwise.prune_toeplitz_configs(configs, {"H_out": 112, "W_out": 112}, KW=kw)
@@ -538,7 +538,7 @@ def test_toeplitz_prune_keeps_one_window_per_tile():
     assert [(c.kwargs["BLOCK_H"], c.kwargs["BLOCK_W"]) for c in remaining] == [(32, 32)]
 
 
-def test_toeplitz_autotuned_launch_matches_reference(monkeypatch, seed):
+def test_toeplitz_autotuned_launch(monkeypatch, seed):
     def cpu_bench(kernel_call, quantiles):
         start = time.perf_counter()
         kernel_call()
@@ -561,7 +561,7 @@ def test_toeplitz_autotuned_launch_matches_reference(monkeypatch, seed):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_toeplitz_gelu_backward_keeps_the_product_in_float32(dtype):
+def test_toeplitz_gelu_backward_float16_overflow(dtype):
     # grad * GELU'(1.5) = 60000 * 1.127 overflows float16, but the input gradient, about 6000, fits.
     shape, padding4 = (1, 1, 6, 6), (1, 1, 1, 1)
     weight = torch.full((1, 1, 3, 3), 0.01, dtype=dtype, device=DEVICE)

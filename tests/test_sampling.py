@@ -242,7 +242,7 @@ def test_factorize_indefinite_raises():
         factorize(cov)
 
 
-# factorize_deferred: the path of devices where each check waits, run here on CPU tensors
+# factorize_deferred: the CUDA path, run here on CPU tensors
 
 
 def test_factorize_deferred_matches_factorize():
